@@ -1,0 +1,23 @@
+"""viscodex_lite: rebuild VisCodex (merge a coding LLM into a VLM, fine-tune on MCD, score on
+InfiBench-V) from a laptop CPU up to full scale. Notebooks import it as ``import viscodex_lite as vl``.
+
+Modules are imported lazily so that ``import viscodex_lite`` stays fast: ``vl.task_vectors``,
+``vl.config`` and the rest load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = {
+    "analysis", "check", "checkpoints", "cli", "config", "envcheck", "finetune", "generate",
+    "infibench", "mcd", "merge", "notebooks", "tiny", "task_vectors", "viz", "zoo",
+}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'viscodex_lite' has no attribute {name!r}")
