@@ -17,7 +17,7 @@ MAX_FIGURE_BYTES = 1_000_000
 def figure_bytes(fig: go.Figure) -> int:
     """Size of the figure's JSON, the thing a notebook stores and a browser downloads.
 
-    >>> figure_bytes(go.Figure(go.Scatter(y=[1, 2]))) < 1000
+    >>> figure_bytes(go.Figure(go.Scatter(y=[1, 2]))) < MAX_FIGURE_BYTES
     True
     """
     return len(fig.to_json().encode())
@@ -51,3 +51,31 @@ def explorer(make_figure: Callable[..., go.Figure], *, static: bool, **sliders: 
 
     widgets.interactive_output(redraw, controls)
     return widgets.VBox([*controls.values(), out])
+
+
+def line_figure(x, series: dict[str, list[float]], *, title: str, x_title: str, y_title: str,
+                marker_x: float | None = None) -> go.Figure:
+    """A small multi-line chart (e.g. a metric against λ), with an optional vertical marker.
+
+    >>> fig = line_figure([0, 1], {"a": [0, 1]}, title="t", x_title="λ", y_title="y", marker_x=0.7)
+    >>> len(fig.data)
+    1
+    """
+    fig = go.Figure()
+    for name, values in series.items():
+        fig.add_trace(go.Scatter(x=list(x), y=[float(v) for v in values], mode="lines+markers", name=name))
+    if marker_x is not None:
+        fig.add_vline(x=marker_x, line_dash="dash", line_color="grey")
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=360, margin=dict(t=50, b=40))
+    return fig
+
+
+def bar_figure(labels: list[str], series: dict[str, list[float]], *, title: str, y_title: str) -> go.Figure:
+    """Grouped bars, one group per label (e.g. per tensor), one colour per series.
+
+    >>> len(bar_figure(["w"], {"a": [1.0], "b": [2.0]}, title="t", y_title="y").data)
+    2
+    """
+    fig = go.Figure([go.Bar(x=labels, y=[float(v) for v in vals], name=name) for name, vals in series.items()])
+    fig.update_layout(title=title, yaxis_title=y_title, barmode="group", height=380, margin=dict(t=50, b=120))
+    return fig
