@@ -294,6 +294,7 @@ def write_jsonl(records: list[dict], path: str | Path) -> Path:
     with os.fdopen(fd, "w") as f:
         for rec in records:
             f.write(json.dumps(rec, default=str) + "\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 
