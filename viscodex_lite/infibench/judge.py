@@ -202,3 +202,52 @@ class JudgeClient:
         """Judge ``(case, answer)`` pairs with at most ``max_concurrency`` requests in flight."""
         with ThreadPoolExecutor(self.max_concurrency) as pool:
             return list(pool.map(lambda item: self.grade(*item), items))
+
+
+class StandInJudge:
+    """A loopback OpenAI-compatible server that grades by word overlap with the reference.
+
+    For demos and notebooks without a real judge: it shows the plumbing (prompt, cache, retries),
+    not GPT-4o's judgement. Use as a context manager; ``url`` is its base URL.
+
+    >>> with StandInJudge() as judge:                                   # doctest: +SKIP
+    ...     JudgeClient(judge.url, "stand-in").complete([{"role": "user", "content": "hi"}])
+    """
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from .scorers import rouge_f
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server naming
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                text = body["messages"][-1]["content"]
+                ref = re.search(r"## Reference answer\n(.*?)(\n## |\Z)", text, re.DOTALL)
+                ans = re.search(r"## Candidate answer\n(.*)\Z", text, re.DOTALL)
+                overlap = rouge_f("rouge1", ref.group(1), ans.group(1)) if ref and ans else 0.0
+                points = round(50 * min(1.0, overlap / 0.6))
+                reply = json.dumps({"correctness": points, "completeness": points,
+                                    "rationale": f"stand-in judge: word overlap {overlap:.2f} with the reference"})
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "StandInJudge":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -67,6 +67,8 @@ class TestJob:
     """One unit test: ``parts`` = [answer program, test program], joined by a newline as the
     official evaluator does (execution_utils.py:158 ``predictions[0][0] + '\\n' + references[0]``)."""
 
+    __test__ = False  # not a pytest class
+
     language: str
     parts: list[str]
     timeout_s: float | None = None
@@ -75,6 +77,7 @@ class TestJob:
 
 @dataclass
 class TestResult:
+    __test__ = False
     status: str          # passed | failed | timeout | skipped
     reason: str = ""
     output: str = ""
