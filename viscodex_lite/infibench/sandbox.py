@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -147,6 +148,7 @@ class Sandbox:
             self._slots.put(slot)
         self._root = Path(tempfile.mkdtemp(prefix="vl-sandbox-"))
         os.chmod(self._root, 0o711)
+        weakref.finalize(self, shutil.rmtree, str(self._root), True)  # also cleaned when never closed
         missing = [layer for layer in require if layer not in self.isolation()]
         if missing:
             raise SandboxError(f"sandbox layers {missing} are not available here (have {self.isolation()}); "
