@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import sys
 import zipfile
 from pathlib import Path
 
@@ -478,11 +479,30 @@ def test_generators_are_pluggable_and_world_hook_is_explicit(tmp_path, cache, mo
     assert all(r["messages"][1]["content"].startswith("bar(") for r in json.loads(built.path.read_text()))
     with pytest.raises(KitError, match="no generator"):
         mini_mcd.build(tmp_path / "u", n=4, generators={"chart": "nope"})
-    try:
-        import viscodex_lite.world  # noqa: F401
-    except ModuleNotFoundError:
-        with pytest.raises(KitError, match="world.py"):
-            mini_mcd.build(tmp_path / "w", n=4, mix={"chart": 1}, generators={"chart": "world"})
+    monkeypatch.setitem(sys.modules, "viscodex_lite.world", None)  # a checkout without world.py
+    with pytest.raises(KitError, match="world.py"):
+        mini_mcd.build(tmp_path / "w", n=4, mix={"chart": 1}, generators={"chart": "world"})
+
+
+def test_world_generators_speak_the_mini_familys_format(tmp_path, cache):
+    world = pytest.importorskip("viscodex_lite.world")
+    built = mini_mcd.build(tmp_path / "w", n=60, seed=0, generators=mini_mcd.WORLD_GENERATORS)
+    ds = mcd.load(built.path, placeholders="strict")
+    world_rows = [row for row in ds if row["category"] in ("chart", "html")]
+    assert len(world_rows) == built.counts["chart"] + built.counts["html"] > 30
+    for row in world_rows:
+        scene = world.parse_code(row["messages"][1]["content"])
+        assert scene is not None and scene.kind == ("chart" if row["category"] == "chart" else "ui")
+        assert not world.is_held_out(scene)  # probe scenes never leak into fine-tuning data
+        # the image is the world's rendering of exactly the scene the answer codes
+        assert mini_mcd.png_bytes(row["images"][0]) == mini_mcd.png_bytes(world.render(scene))
+        # and the chat is the one zoo trains on: the image, then the world's instruction
+        chat = mcd.to_chat(row, max_pixels=None)
+        assert chat["messages"][0]["content"] == [{"type": "image"}, {"type": "text", "text": world.IMAGE_CODE_PROMPT}]
+    assert {r["category"] for r in ds} == set(mcd.CATEGORIES)  # qa and algorithm stay generic
+    out = tmp_path / "cli"
+    assert cli_main(["mcd", "build-mini", "-o", str(out), "--n", "10", "--generators", "chart=world,html=world"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["generators"]["chart"] == "world"
 
 
 def test_ensure_builds_once(tmp_path, cache):

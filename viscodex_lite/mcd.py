@@ -575,8 +575,10 @@ def load(path: str | os.PathLike, *, skip_bad: bool = False, limit: int | None =
 
     options = dict(skip_bad=skip_bad, limit=limit, check_images=check_images,
                    placeholders=placeholders, unknown_category=unknown_category)
-    release = open_release(path, images)
+    release = open_release(path, images)  # fails early, with a clear message, on a wrong path
     if streaming:
+        release.close()
+
         def rows():
             yield from records(open_release(path, images), **options)
         return datasets.IterableDataset.from_generator(rows, features=features())
@@ -609,6 +611,26 @@ def load(path: str | os.PathLike, *, skip_bad: bool = False, limit: int | None =
     if report is not None:
         vars(report).update(vars(fresh))
     return ds
+
+
+RELEASE_NAME = "MultimodalCodingDataset"  # the directory name under VISCODEX_LITE_DATA (the HF repo's name)
+
+
+def path_for(cfg=None, mini_n: int = 600) -> Path:
+    """Where a run's MCD comes from: ``VISCODEX_LITE_DATA/MultimodalCodingDataset`` in lab/full mode,
+    else (or when that copy is missing, with a note) the mini-MCD in the mini family's world.
+
+    >>> ds = load(path_for(cfg))  # doctest: +SKIP
+    """
+    from . import config, mini_mcd
+
+    cfg = cfg or config.current()
+    if cfg.mode != "tiny":
+        try:
+            return cfg.data_path(RELEASE_NAME)
+        except config.ConfigError as exc:
+            print(f"[viscodex-lite] {exc} Using the mini-MCD instead.")
+    return mini_mcd.ensure(n=mini_n, seed=cfg.seed, generators=mini_mcd.WORLD_GENERATORS)
 
 
 def category_counts(ds) -> "pandas.DataFrame":
@@ -906,7 +928,7 @@ def fit_image(image, max_pixels: int = QWEN_MAX_PIXELS, min_pixels: int = QWEN_M
     return image if (image.height, image.width) == (h, w) else image.resize((w, h), Image.Resampling.BICUBIC)
 
 
-def to_chat(record: Mapping, *, max_pixels: int | None = QWEN_MAX_PIXELS, min_pixels: int = QWEN_MIN_PIXELS,
+def to_chat(record: Mapping, *, max_pixels: int | None = None, min_pixels: int = QWEN_MIN_PIXELS,
             system: str | None = None) -> dict:
     """One record as Qwen2.5-VL chat messages plus its images, in placeholder order.
 
@@ -914,10 +936,13 @@ def to_chat(record: Mapping, *, max_pixels: int | None = QWEN_MAX_PIXELS, min_pi
     ``{"type": "image"}`` part (a record without placeholders gets its images before the first user
     text), text becomes ``{"type": "text", "text": ...}``. Feed it as
     ``processor.apply_chat_template(chat["messages"])`` and ``processor(text=..., images=chat["images"])``.
-    ``max_pixels`` resizes images as Qwen2.5-VL would (sides multiples of 28); None keeps them.
+    ``max_pixels`` caps images the way Qwen2.5-VL resizes (sides multiples of 28, aspect kept), so a
+    processor with the same cap leaves them alone; None (default) keeps them as they are, which is
+    what the mini family wants (its processor has its own 64x64 geometry).
 
-    >>> chat = to_chat({"messages": [{"role": "user", "content": "Code this:<image>"},
-    ...                              {"role": "assistant", "content": "x = 1"}], "images": []}) # doctest: +SKIP
+    >>> to_chat({"messages": [{"role": "user", "content": "Code this."},
+    ...                       {"role": "assistant", "content": "x = 1"}]})["messages"][0]
+    {'role': 'user', 'content': [{'type': 'text', 'text': 'Code this.'}]}
     """
     messages = record["messages"]
     images = [open_image(v) for v in (record.get("images") or [])]

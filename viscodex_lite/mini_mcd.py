@@ -7,12 +7,13 @@ Four parts, as in the paper (section 2), each made by a *generator* ``rng -> Sam
 - ``qa``: StackOverflow-style questions with a screenshot of code and its real traceback/output;
 - ``algorithm``: text-only problems with a reference solution and tests computed from it.
 
-Generators are pluggable (:func:`generator`), so the chart and page parts can speak the mini family's
-world (``viscodex_lite.world``) instead of generic matplotlib/HTML: ``build(..., generators={"chart":
-"world"})``. Each sample draws from its own ``random.Random(f"{seed}/{category}/{i}")``, so the output
+Generators are pluggable (:func:`generator`). The ``world`` generators make the chart and page parts
+speak the mini family's world (``viscodex_lite.world``: its 64x64 scenes, instruction and programs)
+instead of generic matplotlib/HTML, which is what tiny-mode fine-tuning of the mini family needs:
+``build(..., generators=WORLD_GENERATORS)``. Each sample draws from its own ``random.Random(f"{seed}/{category}/{i}")``, so the output
 is byte-identical for a seed whatever the number of workers.
 
-    path = mini_mcd.ensure(n=600)   # built once into runs/<mode>/mini_mcd/, then reused
+    path = mini_mcd.ensure(n=600, generators=mini_mcd.WORLD_GENERATORS)   # built once, then reused
     ds = mcd.load(path)
 """
 
@@ -696,29 +697,40 @@ def generic_algorithm(rng: random.Random) -> Sample:
 
 
 # ---------------------------------------------------------------------------------------------
-# in-world generators: the mini family's chart and page vocabulary (viscodex_lite.world)
+# in-world generators: the mini family's charts and pages (viscodex_lite.world)
 # ---------------------------------------------------------------------------------------------
 
-def _world_generator(category: str):
-    """Generator for ``category`` from the mini family's world. Contract expected of
-    ``viscodex_lite.world``: ``mcd_sample(category, rng) -> (prompt, answer, [PIL images])`` with the
-    prompt carrying one ``<image>`` per image; ``category`` is ``"chart"`` or ``"html"``."""
-    def generate(rng: random.Random) -> Sample:
-        try:
-            world = importlib.import_module(f"{__package__}.world")
-        except ModuleNotFoundError as exc:
-            raise KitError(f"the 'world' generator for {category} needs viscodex_lite/world.py (the mini family's "
-                           "world), which this checkout does not have; use the 'generic' generator.") from exc
-        if not hasattr(world, "mcd_sample"):
-            raise KitError("viscodex_lite.world has no mcd_sample(category, rng); the mini-MCD's 'world' generator needs it.")
-        prompt, answer, images = world.mcd_sample(category, rng)
-        return Sample(prompt, answer, list(images))
-    generate.__name__ = f"world_{category}"
-    return generate
+# What tiny mode fine-tunes the mini family on: its own world for the two image -> code parts.
+WORLD_GENERATORS = {"chart": "world", "html": "world"}
 
 
-for _category in ("chart", "html"):
-    generator(_category, "world")(_world_generator(_category))
+def _world():
+    try:
+        return importlib.import_module(f"{__package__}.world")
+    except ModuleNotFoundError as exc:
+        raise KitError("the 'world' generators need viscodex_lite/world.py (the mini family's world), which this "
+                       "checkout does not have; use the 'generic' generators.") from exc
+
+
+def world_example(rng: random.Random, kind: str) -> Sample:
+    """An image -> code record in the mini family's own format: the world's 64x64 scene, its
+    instruction (image first, as ``zoo`` trains it) and its reference program. Scenes the world
+    holds out for the probes are never drawn, so fine-tuning on this never sees a test item."""
+    world = _world()
+    scene = world.sample_scene(rng, kind)
+    while world.is_held_out(scene):
+        scene = world.sample_scene(rng, kind)
+    return Sample(IMAGE_PLACEHOLDER + world.IMAGE_CODE_PROMPT, world.to_code(scene), [world.render(scene)])
+
+
+@generator("chart", "world")
+def world_chart(rng: random.Random) -> Sample:
+    return world_example(rng, "chart")
+
+
+@generator("html", "world")
+def world_html(rng: random.Random) -> Sample:
+    return world_example(rng, "ui")
 
 
 # ---------------------------------------------------------------------------------------------
