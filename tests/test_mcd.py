@@ -73,7 +73,10 @@ def write_release(root: Path, records: list, images: dict = IMAGES, layout: str 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    """Arrow caches of this test's loads go under tmp_path (datasets reads its config at import)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
     return tmp_path / "hf"
 
 
@@ -239,7 +242,12 @@ def test_skip_bad_counts_by_kind(tmp_path, cache):
                            dict(IMAGES, **{"html_images/broken.png": b"junk"}))
     assert mcd.scan(broken, check_images="verify").skipped == {"unreadable_image": 1}
     assert mcd.scan(broken, check_images="exists").skipped == {}
-    assert mcd.scan(write_release(tmp_path / "m", good_records() + [BAD["missing_image"]]), check_images="none").skipped == {}
+    unchecked = write_release(tmp_path / "m", good_records() + [BAD["missing_image"]], layout="folder")
+    assert mcd.scan(unchecked, check_images="none").skipped == {}
+    # ... but a dataset cannot hold an image that is not there
+    report = mcd.LoadReport()
+    assert len(mcd.load(unchecked, check_images="none", skip_bad=True, report=report)) == 4
+    assert report.skipped == {"missing_image": 1}
 
 
 # ---------------------------------------------------------------------------------------------

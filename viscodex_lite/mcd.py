@@ -186,7 +186,10 @@ class ImageStore:
         """A ``datasets.Image`` value for ``ref``: {"path", "bytes"}."""
         if self.is_zip:
             return {"path": image_member(ref), "bytes": self.read(ref)}
-        return {"path": str(self.locate(ref)), "bytes": None}
+        found = self.locate(ref)
+        if found is None:
+            raise FileNotFoundError(self.where(ref))
+        return {"path": str(found), "bytes": None}
 
 
 @dataclass
@@ -752,7 +755,8 @@ class ReleaseWriter:
             raise KitError(f"layout={layout!r}; use 'zip' (as released) or 'folder' (extracted)")
         self.out_dir, self.layout = Path(out_dir), layout
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        ours = [p for p in self.out_dir.iterdir() if p.name.startswith("mcd_")]
+        ours = [p for p in self.out_dir.iterdir()
+                if (p.name.startswith("mcd_") and p.suffix == ".json") or p.name in (IMAGES_ZIP, IMAGES_DIR)]
         if ours and not overwrite:
             raise McdError(f"{self.out_dir} already holds {', '.join(sorted(p.name for p in ours))}; "
                            "choose an empty directory or pass overwrite=True (CLI: --overwrite).")
