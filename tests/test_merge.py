@@ -323,6 +323,25 @@ def test_nan_or_inf_in_a_weight(trio, tmp_path, value):
     assert not out.exists() and no_leftovers(tmp_path)
 
 
+def test_nan_hidden_by_ties_trimming_is_still_reported(trio, tmp_path):
+    def poison(state):
+        state["model.layers.0.self_attn.k_proj.weight"][1, 1] = float("nan")
+
+    code = _broken_copy(trio.code, tmp_path / "code", poison)
+    config = write_yaml(tmp_path / "ties.yaml", f"""
+merge_method: ties
+base_model: {trio.base}
+models:
+  - model: {trio.vlm}
+    parameters: {{weight: 1.0, density: 0.2}}
+  - model: {code}
+    parameters: {{weight: 1.0, density: 0.2}}
+""")
+    with pytest.raises(mg.NonFiniteError, match=r"tensor model.layers.0.self_attn.k_proj.weight \(input code\)"):
+        mg.run_merge(mg.load_plan(config), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
+
+
 def test_nan_in_a_copied_vision_weight(trio, tmp_path):
     def poison(state):
         state["visual.blocks.1.mlp.down_proj.weight"][2, 1] = float("nan")

@@ -1,13 +1,14 @@
-"""Merge checkpoints by streaming row chunks through the pure methods of ``task_vectors``.
+"""Merge checkpoints by streaming chunks of every tensor through the pure methods of ``task_vectors``.
 
 The engine, read top to bottom (:func:`run_merge`):
 
 1. **plan**: a mergekit-style YAML (:func:`load_plan`) or the VisCodex shortcut (:func:`viscodex_plan`);
 2. **preflight** (``checkpoints.preflight``): configs and headers only, every problem at once;
-3. for each output tensor, **read chunk → call method → write chunk**: rows of every input are read
-   into reused buffers, upcast to float32, passed to the method's pure function, checked for
-   NaN/Inf, rounded once to the output dtype and appended to the streamed safetensors file; tensors
-   outside the merge scope (the VLM's vision tower and projector) are copied byte for byte;
+3. for each output tensor, **read chunk → call method → write chunk**: the same flat range of every
+   input is read into reused buffers, upcast to float32, passed to the method's pure function,
+   checked for NaN/Inf, rounded once to the output dtype and appended to the streamed safetensors
+   file; tensors outside the merge scope (the VLM's vision tower and projector) are copied byte for
+   byte. Worker threads prepare the next chunks while this thread writes finished ones in order;
 4. the donor's config, tokenizer, processor, chat-template and generation-config files are copied
    unchanged, a ``RUN_CARD.md`` is written, and the directory is renamed into place.
 
@@ -36,7 +37,6 @@ YAML accepted (mergekit's format for these methods, plus VisCodex options mergek
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import hashlib
 import os
@@ -47,8 +47,8 @@ import sys
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +62,6 @@ from .checkpoints import (
     DEFAULT_SHARD_BYTES,
     DTYPES,
     Checkpoint,
-    CheckpointError,
     OutputTensor,
     Preflight,
     SafetensorsWriter,
@@ -188,7 +187,8 @@ def load_plan(source: str | Path | dict, *, root: Path | None = None) -> MergePl
     if isinstance(source, dict):
         config, root = source, root or Path.cwd()
     else:
-        path = Path(source) if isinstance(source, Path) or "\n" not in source else None  # else YAML text
+        is_text = isinstance(source, str) and ("\n" in source or source.lstrip().startswith("{"))
+        path = None if is_text else Path(source)
         text = path.read_text() if path else str(source)
         root = root or (path.parent if path else Path.cwd())
         try:
@@ -214,10 +214,10 @@ def load_plan(source: str | Path | dict, *, root: Path | None = None) -> MergePl
             ref = ref.get("model")
         if not isinstance(ref, str) or not ref:
             raise MergeConfigError(f"{where}: expected a model directory, got {ref!r}.")
-        if "+" in ref or "@" in ref:
+        path = (root / ref).resolve() if not Path(ref).is_absolute() else Path(ref)
+        if not path.is_dir() and ("+" in ref or "@" in ref):
             raise MergeConfigError(f"{where}: {ref!r}: LoRA (`model+lora`) and revision (`@rev`) references are not "
                                    "supported; merge the adapter and point to a local directory.")
-        path = (root / ref).resolve() if not Path(ref).is_absolute() else Path(ref)
         if not path.is_dir():
             raise MergeConfigError(f"{where}: {ref!r} is not a local directory (looked in {path}). Models are never "
                                    "downloaded here: fetch it first (e.g. `hf download ORG/NAME --local-dir DIR`).")
@@ -278,12 +278,16 @@ def load_plan(source: str | Path | dict, *, root: Path | None = None) -> MergePl
             notes.append(f"several inputs are VLMs; {donor} was taken as donor (set `donor:` to choose).")
     for key in ("tokenizer_source", "tokenizer", "chat_template"):
         value = config.get(key)
-        if value is not None and not (key == "tokenizer_source" and isinstance(value, str)
-                                      and (value == "base" and donor == base or (root / value).resolve() == inputs[donor])):
+        names_donor = key == "tokenizer_source" and (value == "base" and donor == base or value in (
+            str(inputs[donor]), inputs[donor].name))  # asks for what happens anyway: accepted
+        if value is not None and not names_donor:
             raise MergeConfigError(
                 f"`{key}: {value!r}`: viscodex-lite builds no tokenizer; the tokenizer, processor and chat template "
                 f"come unchanged from the donor ({donor}). Remove `{key}` or set `donor:`."
             )
+    if str(config.get("dtype", "float32")).lower() not in ("float32", "fp32", "float"):
+        notes.append(f"dtype {config['dtype']} is mergekit's compute dtype; viscodex-lite always computes in float32 "
+                     "and rounds once to the output dtype.")
     scope = config.get("merge_scope")
     if scope not in (None, "language_model", "all"):
         raise MergeConfigError(f"merge_scope {scope!r}: use language_model or all.")
@@ -469,10 +473,14 @@ def _spans(numel: int, elements: int) -> list[tuple[int, int]]:
 
 
 def _check_finite(merged: torch.Tensor, inputs: dict[str, torch.Tensor], out: OutputTensor, span) -> None:
-    """Raise if a chunk holds NaN/Inf, naming the input file, tensor and row responsible."""
-    if merged.numel() == 0 or torch.isfinite(merged.sum(dtype=torch.float32)):  # NaN and Inf reach the sum
+    """Raise if a chunk or its inputs hold NaN/Inf, naming the input file, tensor and row responsible.
+
+    Inputs are checked too: trimming (TIES) or dropping (DARE) can hide a NaN from the output.
+    """
+    if merged.numel() == 0:
         return
-    if bool(torch.isfinite(merged).all()):  # the sum merely overflowed
+    total = merged.sum(dtype=torch.float32) + sum(x.sum(dtype=torch.float32) for x in inputs.values())
+    if torch.isfinite(total):  # one fast pass each: NaN and Inf reach the sum
         return
     for label, x in inputs.items():
         bad = (~torch.isfinite(x)).nonzero()
@@ -484,8 +492,9 @@ def _check_finite(merged: torch.Tensor, inputs: dict[str, torch.Tensor], out: Ou
                 f"{info.file}: tensor {info.name} (input {label}) holds NaN or Inf (row {row}, flat index {index}). "
                 "The checkpoint is corrupt or was saved after training diverged: use another copy or an earlier one."
             )
-    raise NonFiniteError(f"merging tensor {out.name} (flat elements {span[0]}-{span[1]}) overflowed to Inf: "
-                         "check the weights and lambda.")
+    if not bool(torch.isfinite(merged).all()):
+        raise NonFiniteError(f"merging tensor {out.name} (flat elements {span[0]}-{span[1]}) overflowed to Inf: "
+                             "check the weights and lambda.")  # else the sums merely overflowed
 
 
 def _merge_chunk(o: OutputTensor, span, plan: MergePlan, method: Method, options: dict, pre: Preflight,
@@ -509,7 +518,7 @@ def _copy_chunk(o: OutputTensor, span, pre: Preflight, buffers: _Buffers) -> tor
     (label, info), = o.sources.items()
     x = pre.checkpoints[label].read(info, out=buffers.raw[label], elements=span)
     if info.is_float and x.numel() and not torch.isfinite(x.sum(dtype=torch.float32)):
-        _check_finite(x.float(), {label: x.float()}, o, span)
+        _check_finite(x, {label: x.float()}, o, span)
     return x
 
 
