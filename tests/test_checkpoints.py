@@ -135,7 +135,6 @@ def test_sharded_checkpoint_and_missing_shard(tmp_path):
     state = _state()
     _sharded(tmp_path, state)
     with ck.Checkpoint(tmp_path) as c:
-        c.check_index()
         assert len(c.files) == 2 and all(torch.equal(c.read(k), v) for k, v in state.items())
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(ck.CheckpointError, match=r"index.json: names shard model-00002-of-00002.safetensors \(holding 2 "
@@ -149,7 +148,7 @@ def test_index_that_disagrees_with_shards(tmp_path):
     (tmp_path / ck.INDEX_NAME).write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(ck.CheckpointError, match="says tensor model.norm.weight is in model-00001-of-00002.safetensors "
                                                  "but it is in model-00002"):
-        ck.Checkpoint(tmp_path).check_index()
+        ck.Checkpoint(tmp_path)
 
 
 def test_no_weights_and_pickles_get_a_clear_message(tmp_path):
@@ -181,7 +180,6 @@ def test_streamed_writer_shards_index_and_file_modes(tmp_path):
     index = json.loads((tmp_path / ck.INDEX_NAME).read_text())
     assert index["metadata"]["total_size"] == sum(s.nbytes for s in specs)
     with ck.Checkpoint(tmp_path) as c:
-        c.check_index()
         assert all(torch.equal(c.read(k), v) for k, v in state.items())
     for f in files[:-1]:  # the reference reader agrees
         with safe_open(tmp_path / f, "pt") as sf:

@@ -331,6 +331,7 @@ class Checkpoint:
                 self.config = json.loads(config_path.read_text())
             except ValueError as exc:
                 raise CheckpointError(f"{config_path}: not valid JSON ({exc}).") from None
+        self._weight_map: dict[str, str] | None = None  # from the index, when sharded
         self.files = [read_safetensors_header(p) for p in self._shard_paths()]
         self.tensors: dict[str, TensorInfo] = {}
         stored: list[str] = []
@@ -345,6 +346,7 @@ class Checkpoint:
                 self.tensors[key] = info
                 stored.append(name)
         self.layout = "memory" if any(disk_name(n) != n for n in stored) else "disk"
+        self.check_index()
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
 
@@ -379,7 +381,7 @@ class Checkpoint:
 
     def check_index(self) -> None:
         """Check that the index and the shard headers list the same tensors (sharded checkpoints)."""
-        weight_map = getattr(self, "_weight_map", None)
+        weight_map = self._weight_map
         if weight_map is None:
             return
         in_headers = {info.name: info.file.name for info in self.tensors.values()}
@@ -1092,9 +1094,7 @@ def preflight(
     pre = Preflight({}, donor, list(merge_inputs), scope or "")
     for label, path in inputs.items():
         try:
-            ckpt = Checkpoint(path)
-            ckpt.check_index()
-            pre.checkpoints[label] = ckpt
+            pre.checkpoints[label] = Checkpoint(path)
         except CheckpointError as exc:
             pre.problems.append(f"{label}: {exc}")
         except OSError as exc:
@@ -1137,7 +1137,6 @@ def preflight(
 
 def _inspect(args) -> int:
     with Checkpoint(args.checkpoint) as ckpt:
-        ckpt.check_index()
         parts = Counter(part_of(n) for n in ckpt.tensors)
         dtypes = Counter(i.dtype for i in ckpt.tensors.values())
         tc = ckpt.text_config
