@@ -11,6 +11,7 @@ mode       where                       models and data
 ``full``   many GPUs                   the paper's 8B/33B runs, full MCD, vLLM generation
 =========  ==========================  ==============================================================
 
+``VISCODEX_LITE_STATIC`` (or ``CI``) draws widget explorers as static figures.
 ``VISCODEX_LITE_MODE`` picks the mode; unset, it is ``tiny`` under CI (``CI`` set) and ``lab``
 elsewhere. ``lab`` and ``full`` need ``VISCODEX_LITE_MODELS`` to point at an existing directory;
 when it does not, the kit says so and falls back to ``tiny`` rather than failing.
@@ -53,6 +54,7 @@ class RunConfig:
     models_root: Path | None
     data_root: Path | None
     seed: int = DEFAULT_SEED
+    static_widgets: bool = False  # draw explorers as static figures (headless runs, CI, docs builds)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -168,6 +170,7 @@ def current(mode: str | None = None, env: dict[str, str] | None = None) -> RunCo
         models_root=models_root if resolved != "tiny" else models_root,
         data_root=data_root,
         seed=seed,
+        static_widgets=bool(env.get("VISCODEX_LITE_STATIC") or env.get("CI")),
         notes=tuple(notes),
     )
 

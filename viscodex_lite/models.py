@@ -26,7 +26,7 @@ class ImageOnlyProcessor(Qwen2_5_VLProcessor):
 
     >>> from viscodex_lite import tiny
     >>> proc = tiny.build_processor(tiny.build_tokenizer())
-    >>> batch = proc(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[tiny.chart_image()])
+    >>> batch = proc(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[tiny.chart_image()], return_tensors="pt")
     >>> int((batch["input_ids"] == proc.image_token_id).sum())  # 64x64 px -> 8x8 patches -> 16 tokens
     16
     """

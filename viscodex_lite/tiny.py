@@ -266,3 +266,25 @@ def chart_image(size: int = 64, seed: int = 0):
         x0 = 4 + i * (size - 8) // bars
         draw.rectangle([x0, size - h, x0 + (size - 8) // bars - 4, size - 1], fill=colour)
     return img
+
+
+def load_trio_weights(trio: TinyTrio) -> dict[str, dict[str, torch.Tensor]]:
+    """The trio's weights in float32: ``base``, ``code``, ``vlm_lm`` (the VLM's language model, in
+    Qwen2 names) and ``vision`` (the VLM's vision tower and projector).
+
+    >>> weights = load_trio_weights(make_trio(tempfile.mkdtemp()))   # doctest: +SKIP
+    >>> weights["vlm_lm"].keys() == weights["base"].keys()           # doctest: +SKIP
+    True
+    """
+    from safetensors.torch import load_file
+
+    def f32(path):
+        return {k: v.float() for k, v in load_file(path / "model.safetensors").items()}
+
+    vlm = f32(trio.vlm)
+    return {
+        "base": f32(trio.base),
+        "code": f32(trio.code),
+        "vlm_lm": {k: v for k, v in vlm.items() if not k.startswith("visual.")},
+        "vision": {k: v for k, v in vlm.items() if k.startswith("visual.")},
+    }
