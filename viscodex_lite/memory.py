@@ -123,6 +123,13 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
 def _fmt(nbytes: float) -> str:
     if nbytes >= 2**28:
         return f"{nbytes / 2**30:.2f} GiB"
@@ -215,14 +222,14 @@ def estimate_memory(config, *, method: str = "qlora", batch_size: int = 1, seq_l
     if method == "qlora":
         add(("weights: LM linears (NF4)",
              buckets["lm_linears"] * NF4_BYTES[double_quant] + len(lm_linears) * NF4_TABLE_BYTES[double_quant],
-             f"{buckets['lm_linears'] / 1e9:.3f}B params x {NF4_BYTES[double_quant]:.3f} B"))
+             f"{_count(buckets['lm_linears'])} params x {NF4_BYTES[double_quant]:.3f} B"))
     else:
-        add(("weights: LM linears", buckets["lm_linears"] * b / shard, f"{buckets['lm_linears'] / 1e9:.3f}B x {b} B"))
+        add(("weights: LM linears", buckets["lm_linears"] * b / shard, f"{_count(buckets['lm_linears'])} params x {b} B"))
     for bucket, label in (("embeddings", "embeddings"), ("lm_head", "lm_head"),
                           ("vision", "vision tower + projector (frozen)"), ("norms_biases", "norms + biases")):
         if buckets[bucket]:
             per = (kept_bytes if method == "qlora" else b) / (shard if bucket != "vision" else 1)
-            add((f"weights: {label}", buckets[bucket] * per, f"{buckets[bucket] / 1e6:.1f}M params x {per:g} B"))
+            add((f"weights: {label}", buckets[bucket] * per, f"{_count(buckets[bucket])} params x {per:g} B"))
 
     # Trainable parameters, their gradients and optimizer state.
     if method == "full":
@@ -231,8 +238,8 @@ def estimate_memory(config, *, method: str = "qlora", batch_size: int = 1, seq_l
     else:
         trainable = lora_parameter_count(model, lora_r, lora_projections)
         param_bytes = 4  # peft keeps adapters in fp32 over a bf16/4-bit base
-        add(("LoRA adapters (fp32)", trainable * 4, f"{trainable / 1e6:.1f}M params, r={lora_r}"))
-    add(("gradients", trainable * param_bytes / shard, f"{trainable / 1e6:.1f}M trainable x {param_bytes} B"))
+        add(("LoRA adapters (fp32)", trainable * 4, f"{_count(trainable)} params, r={lora_r}"))
+    add(("gradients", trainable * param_bytes / shard, f"{_count(trainable)} trainable x {param_bytes} B"))
     state_bytes = 2 * (1 if "8bit" in optim else param_bytes)
     add((f"optimizer state ({optim})", trainable * state_bytes / shard, f"2 moments x {state_bytes // 2} B"))
 
