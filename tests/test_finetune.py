@@ -405,3 +405,28 @@ def test_shipped_configs_parse():
     for path in sorted((REPO / "configs/finetune").glob("*.yaml")):
         cfg = ft.load_finetune_config(path)
         assert cfg.data.get("source") and yaml.safe_load(path.read_text())["model"] == cfg.model, path
+
+
+def test_full_method_trains_the_language_model_only(vlm_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = make_cfg(vlm_dir, tmp_path, method="full", max_steps=2, learning_rate=1e-3, optim="adamw_torch")
+    result = ft.train(cfg, verbose=False)
+    before = load_file(Path(vlm_dir) / "model.safetensors")
+    after = load_file(result.adapter_dir / "model.safetensors")
+    assert result.adapter_dir.name == "model" and before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k].float(), after[k].float())}
+    assert changed and not any(k.startswith("visual.") for k in changed)   # on-disk names: visual.*
+    assert any(".mlp." in k for k in changed)
+    model, _ = ft.load_finetuned(result.adapter_dir)
+    assert not any("lora" in n for n, _ in model.named_parameters())  # a whole model, no adapter
+
+
+def test_estimate_full_method_shards_over_gpus():
+    one = mem.estimate_memory(mem.QWEN25_VL_7B, method="full", world_size=1, optim="adamw_torch")
+    eight = mem.estimate_memory(mem.QWEN25_VL_7B, method="full", world_size=8, optim="adamw_torch")
+    states = ("weights: LM linears", "gradients", "optimizer state (adamw_torch)")
+    assert all(eight.get(k) == pytest.approx(one.get(k) / 8) for k in states)
+    trainable = one.get("gradients") / 4
+    assert (one.get("weights: LM linears") + one.get("gradients") + one.get("optimizer state (adamw_torch)")) \
+        / trainable > 15   # ~16 bytes a trained parameter

@@ -112,8 +112,10 @@ class FinetuneConfig:
 
     @property
     def dtype(self) -> torch.dtype:
-        if self.compute_dtype == "auto":
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        if self.compute_dtype == "auto":  # bf16 on GPUs that have it, fp16 on older ones (T4), fp32 on CPU
+            if not torch.cuda.is_available():
+                return torch.float32
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return getattr(torch, self.compute_dtype)
 
     def to_dict(self) -> dict:
@@ -480,7 +482,9 @@ def load_for_training(cfg: FinetuneConfig):
 
     model_config = load_config(cfg.model)
     layout = layout_of(meta_model(model_config))
-    kwargs: dict[str, Any] = {"dtype": cfg.dtype}
+    # full SFT keeps fp32 master weights (bf16 weights would round away small updates); compute is
+    # bf16 under the Trainer's autocast. LoRA methods load the frozen base in the compute dtype.
+    kwargs: dict[str, Any] = {"dtype": torch.float32 if cfg.method == "full" else cfg.dtype}
     if cfg.method == "qlora":
         kwargs["quantization_config"] = bnb_config(cfg, layout.skip_modules)
         kwargs["device_map"] = {"": PartialState().device}  # one full copy per process (DDP)
@@ -618,10 +622,16 @@ class StepRecorder:
         self.losses: list[tuple[int, float]] = []
 
 
-def estimate_for(cfg: FinetuneConfig, *, seq_len: int | None = None):
-    """The memory estimate for this config's model and settings."""
+def estimate_for(cfg: FinetuneConfig, *, seq_len: int | None = None, world_size: int | None = None):
+    """The memory estimate for this config's model and settings, per GPU.
+
+    ``world_size`` (default: the processes ``accelerate launch`` started) shards ``full`` runs.
+    """
+    from accelerate import PartialState
+
     return estimate_memory(
-        cfg.model, method=cfg.method, batch_size=cfg.batch_size, seq_len=seq_len or cfg.max_length,
+        world_size=world_size or PartialState().num_processes,
+        config=cfg.model, method=cfg.method, batch_size=cfg.batch_size, seq_len=seq_len or cfg.max_length,
         lora_r=cfg.lora_r, compute_dtype=str(cfg.dtype).replace("torch.", ""), double_quant=cfg.double_quant,
         upcast_non_quantized=cfg.upcast_non_quantized, optim=cfg.optim,
         gradient_checkpointing=cfg.gradient_checkpointing, name=Path(cfg.model).name,
@@ -743,8 +753,8 @@ def train(cfg: FinetuneConfig, examples: Sequence[dict] | None = None, *, loaded
         examples=len(dataset), skipped=dataset.skipped, estimate=estimate_for(cfg, seq_len=longest[0] or None),
         measured=measured, measured_kind=peak.kind, summary=model_summary(model),
     )
+    result.adapter_dir = save_adapter(trainer, processor, cfg)
     if trainer.is_world_process_zero():
-        result.adapter_dir = save_adapter(trainer, processor, cfg)
         if cfg.merge_full and cfg.method != "full":
             result.merged_dir, result.merge_gap = merge_full(cfg, result.adapter_dir, dataset[0])
         write_run_card(cfg, result)
@@ -768,16 +778,26 @@ def _replace_dir(tmp: Path, final: Path) -> Path:
 
 
 def save_adapter(trainer, processor, cfg: FinetuneConfig) -> Path:
-    """``output_dir/adapter``: the LoRA weights (or, for ``full``, the whole model), processor, config."""
+    """``output_dir/adapter``: the LoRA weights (or, for ``full``, ``output_dir/model``), processor, config.
+
+    Called on every process: under FSDP / ZeRO-3 ``save_model`` gathers the shards collectively
+    (and only the main process writes).
+    """
     import yaml
 
     final = Path(cfg.output_dir) / ("model" if cfg.method == "full" else "adapter")
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))
-    processor.save_pretrained(tmp)
-    (tmp / "finetune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return _replace_dir(tmp, final)
+    if main:
+        processor.save_pretrained(tmp)
+        (tmp / "finetune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _replace_dir(tmp, final)
+    trainer.accelerator.wait_for_everyone()
+    return final
 
 
 def load_finetuned(adapter_dir: str | Path):
@@ -791,6 +811,9 @@ def load_finetuned(adapter_dir: str | Path):
     if not cfg_path.is_file():
         raise FinetuneError(f"{adapter_dir} has no finetune_config.yaml: is it an adapter saved by the kit?")
     cfg = FinetuneConfig(**yaml.safe_load(cfg_path.read_text()))
+    if cfg.method == "full":  # a whole model, not an adapter
+        model = AutoModelForImageTextToText.from_pretrained(adapter_dir, dtype=cfg.dtype).eval()
+        return model, load_processor_for(cfg, model.config)
     kwargs: dict[str, Any] = {"dtype": cfg.dtype}
     if cfg.method == "qlora":
         layout = layout_of(meta_model(load_config(cfg.model)))
@@ -914,7 +937,7 @@ torch {torch.__version__}, transformers {transformers.__version__}, peft {peft._
 def _cmd_finetune(args) -> int:
     cfg = load_finetune_config(args.config, args.set or ())
     if args.estimate_only:
-        print(estimate_for(cfg).table())
+        print(estimate_for(cfg, world_size=args.world_size).table())
         return 0
     train(cfg)
     return 0
@@ -933,6 +956,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--config", required=True, help="YAML file with FinetuneConfig keys (see configs/finetune/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--estimate-only", action="store_true", help="print the memory estimate and exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="GPUs a method: full run is sharded over, for --estimate-only (default: launched processes)")
     p.set_defaults(func=_cmd_finetune)
     e = subparsers.add_parser("finetune-estimate", help="QLoRA memory estimate for Qwen2.5-VL-3B and -7B")
     e.add_argument("--seq", type=int, default=2048)

@@ -189,8 +189,9 @@ def estimate_memory(config, *, method: str = "qlora", batch_size: int = 1, seq_l
     """Predict the peak memory of one fine-tuning step from a config (dict, path or config object).
 
     ``method``: ``qlora`` (NF4 LM linears + LoRA), ``lora`` (bf16 weights + LoRA) or ``full``
-    (every language-model weight trained; weights, gradients and optimizer state sharded over
-    ``world_size`` GPUs as FSDP / ZeRO-3 do). ``upcast_non_quantized`` is what
+    (every language-model weight trained, mixed precision: fp32 master weights, fp32 gradients and
+    AdamW moments, 16 bytes a parameter, all sharded over ``world_size`` GPUs as FSDP / ZeRO-3 do,
+    plus the full-size weights of the layers being gathered). ``upcast_non_quantized`` is what
     ``peft.prepare_model_for_kbit_training`` does: every weight that is not 4-bit becomes fp32.
 
     >>> no_ckpt = estimate_memory(QWEN25_VL_7B, gradient_checkpointing=False)
@@ -202,7 +203,7 @@ def estimate_memory(config, *, method: str = "qlora", batch_size: int = 1, seq_l
         raise ValueError(f"method must be qlora, lora or full, not {method!r}")
     config = load_config(config)
     model = _cached_meta_model(config.to_json_string())
-    text = config.text_config
+    text = config.get_text_config()
     b = DTYPE_BYTES[compute_dtype]
     buckets = parameter_buckets(model)
     kept_bytes = 4 if upcast_non_quantized else b
@@ -219,22 +220,28 @@ def estimate_memory(config, *, method: str = "qlora", batch_size: int = 1, seq_l
     layout = layout_of(model)
     lm_linears = [m for n, m in model.named_modules()
                   if isinstance(m, torch.nn.Linear) and layout.part_of(n) == "language"]
+    # full: fp32 master weights (the kit loads full runs in fp32; compute is bf16 under autocast).
+    weight_bytes_each = {"qlora": kept_bytes, "lora": b, "full": 4}[method]
     if method == "qlora":
         add(("weights: LM linears (NF4)",
              buckets["lm_linears"] * NF4_BYTES[double_quant] + len(lm_linears) * NF4_TABLE_BYTES[double_quant],
              f"{_count(buckets['lm_linears'])} params x {NF4_BYTES[double_quant]:.3f} B"))
     else:
-        add(("weights: LM linears", buckets["lm_linears"] * b / shard, f"{_count(buckets['lm_linears'])} params x {b} B"))
+        per = weight_bytes_each / shard
+        add(("weights: LM linears", buckets["lm_linears"] * per, f"{_count(buckets['lm_linears'])} params x {per:g} B"))
     for bucket, label in (("embeddings", "embeddings"), ("lm_head", "lm_head"),
                           ("vision", "vision tower + projector (frozen)"), ("norms_biases", "norms + biases")):
         if buckets[bucket]:
-            per = (kept_bytes if method == "qlora" else b) / (shard if bucket != "vision" else 1)
+            per = weight_bytes_each / shard
             add((f"weights: {label}", buckets[bucket] * per, f"{_count(buckets[bucket])} params x {per:g} B"))
+    if method == "full" and shard > 1:
+        layer = sum(m.weight.numel() for m in lm_linears) / text.num_hidden_layers
+        add(("weights: gathered layers (FSDP / ZeRO-3)", 2 * layer * b, "current + prefetched layer, full size"))
 
     # Trainable parameters, their gradients and optimizer state.
     if method == "full":
         trainable = sum(v for k, v in buckets.items() if k != "vision")
-        param_bytes = b
+        param_bytes = 4  # fp32 gradients and moments beside the fp32 master weights
     else:
         trainable = lora_parameter_count(model, lora_r, lora_projections)
         param_bytes = 4  # peft keeps adapters in fp32 over a bf16/4-bit base
