@@ -79,7 +79,7 @@ def test_trainer_and_training_arguments():
         "output_dir", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
         "warmup_steps", "lr_scheduler_type", "max_grad_norm", "optim", "weight_decay", "bf16", "fp16", "use_cpu",
         "logging_steps", "save_steps", "save_total_limit", "seed", "data_seed", "remove_unused_columns",
-        "label_names", "report_to", "disable_tqdm", "include_num_input_tokens_seen", "dataloader_num_workers",
+        "label_names", "report_to", "disable_tqdm", "dataloader_num_workers",
     })
     assert {"activation_checkpointing", "gradient_checkpointing"} & fields, "DRIFT: no (activation|gradient)_checkpointing"
     assert {"paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch"} <= {o.value for o in OptimizerNames}

@@ -243,8 +243,6 @@ def model_summary(model) -> list[dict]:
 
 # --- training ---------------------------------------------------------------------------------------
 
-
-
 def training_arguments(cfg: FinetuneConfig):
     """``TrainingArguments`` for a config (CPU when no GPU, bf16 autocast on GPU)."""
     from transformers import TrainingArguments
@@ -278,33 +276,31 @@ def training_arguments(cfg: FinetuneConfig):
         label_names=["labels"],
         report_to="none",
         disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
     )
 
 
-class StepRecorder:
-    """Trainer callback: wall time of each optimizer step and every logged loss."""
+def step_recorder():
+    """A Trainer callback that records each optimizer step's wall time and every logged loss."""
+    from transformers import TrainerCallback
 
-    def __init__(self):
-        from transformers import TrainerCallback
+    class StepRecorder(TrainerCallback):
+        def __init__(self):
+            self.step_times: list[float] = []
+            self.losses: list[tuple[int, float]] = []
+            self._t0 = 0.0
 
-        recorder = self
+        def on_step_begin(self, args, state, control, **kw):
+            self._t0 = time.perf_counter()
 
-        class _Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
-                recorder._t0 = time.perf_counter()
+        def on_step_end(self, args, state, control, **kw):
+            self.step_times.append(time.perf_counter() - self._t0)
 
-            def on_step_end(self, args, state, control, **kw):
-                recorder.step_times.append(time.perf_counter() - recorder._t0)
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append((state.global_step, float(logs["loss"])))
 
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs and "loss" in logs:
-                    recorder.losses.append((state.global_step, float(logs["loss"])))
-
-        self.callback = _Callback()
-        self.step_times: list[float] = []
-        self.losses: list[tuple[int, float]] = []
+    return StepRecorder()
 
 
 def estimate_for(cfg: FinetuneConfig, *, seq_len: int | None = None, world_size: int | None = None):
@@ -358,7 +354,7 @@ class FinetuneResult:
     model: Any = field(repr=False)   # the trained model (adapter attached), for generation right after
     losses: list[tuple[int, float]]
     step_times: list[float]
-    tokens_seen: int
+    tokens_seen: int                 # non-padding tokens this process trained on in this session
     train_seconds: float
     examples: int
     skipped: list[int]
@@ -405,16 +401,17 @@ def train(cfg: FinetuneConfig, examples: Sequence[dict] | None = None, *, loaded
         dataset.drop_too_long()
         if verbose and dataset.skipped:
             print(f"too_long=skip: dropped {len(dataset.skipped)} of {len(dataset.examples)} examples")
-    recorder = StepRecorder()
-    longest = [0]  # widest batch seen: the estimate beside the measurement uses it, not max_length
+    recorder = step_recorder()
+    seen = {"widest": 0, "tokens": 0}  # widest batch (for the estimate beside the measurement), tokens trained
 
     def collate(features):
         batch = pad_batch(features, processor.tokenizer.pad_token_id)
-        longest[0] = max(longest[0], batch["input_ids"].shape[1])
+        seen["widest"] = max(seen["widest"], batch["input_ids"].shape[1])
+        seen["tokens"] += int(batch["attention_mask"].sum())
         return batch
 
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
-                      callbacks=[recorder.callback, *callbacks])
+                      callbacks=[recorder, *callbacks])
     if not verbose:
         from transformers.trainer_callback import PrinterCallback
 
@@ -434,8 +431,8 @@ def train(cfg: FinetuneConfig, examples: Sequence[dict] | None = None, *, loaded
     result = FinetuneResult(
         output_dir=out, adapter_dir=None, merged_dir=None, model=model, losses=recorder.losses,
         step_times=recorder.step_times,
-        tokens_seen=int(trainer.state.num_input_tokens_seen), train_seconds=train_seconds,
-        examples=len(dataset), skipped=dataset.skipped, estimate=estimate_for(cfg, seq_len=longest[0] or None),
+        tokens_seen=seen["tokens"], train_seconds=train_seconds,
+        examples=len(dataset), skipped=dataset.skipped, estimate=estimate_for(cfg, seq_len=seen["widest"] or None),
         measured=measured, measured_kind=peak.kind, summary=model_summary(model),
     )
     result.adapter_dir = save_adapter(trainer, processor, cfg)
@@ -518,11 +515,13 @@ def merge_full(cfg: FinetuneConfig, adapter_dir: Path, example: dict) -> tuple[P
     The adapter was trained against dequant(NF4(W)); merging adds it to W instead, so the merged model
     is not the model that was trained: the gap is W - dequant(NF4(W)) (~10% relative per matrix at
     NF4). The returned ``gap`` measures it on one training example (QLoRA model vs merged model).
+    The merge and the merged model's forward run on CPU in fp32 (no second copy on the GPU; at 7B
+    that takes ~33 GB of RAM and a few minutes).
     """
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    base = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=torch.bfloat16 if _device() == "cuda" else torch.float32)
+    base = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     final = Path(cfg.output_dir) / "merged"
     tmp = final.with_name("merged.tmp")
@@ -547,11 +546,19 @@ def merge_full(cfg: FinetuneConfig, adapter_dir: Path, example: dict) -> tuple[P
     return final, gap
 
 
-def _sha256(path: Path, limit: int | None = None) -> str:
+def _fingerprint(path: Path, whole_below: int = 2**31, edge: int = 2**26) -> str:
+    """sha256 of a file (of its first and last 64 MiB above 2 GiB, said so: 7B shards take minutes)."""
     h = hashlib.sha256()
+    size = path.stat().st_size
     with path.open("rb") as f:
-        h.update(f.read(limit) if limit else f.read())
-    return h.hexdigest()[:16]
+        if size < whole_below:
+            for chunk in iter(lambda: f.read(2**24), b""):
+                h.update(chunk)
+            return f"sha256 {h.hexdigest()[:16]}"
+        h.update(f.read(edge))
+        f.seek(size - edge)
+        h.update(f.read(edge))
+    return f"sha256(head+tail 64 MiB) {h.hexdigest()[:16]}"
 
 
 def write_run_card(cfg: FinetuneConfig, result: FinetuneResult) -> Path:
@@ -565,9 +572,8 @@ def write_run_card(cfg: FinetuneConfig, result: FinetuneResult) -> Path:
     import yaml
 
     model_dir = Path(cfg.model)
-    inputs = [f"- `{p.name}` {p.stat().st_size:,} bytes, sha256 {_sha256(p)}"
-              for p in sorted(model_dir.glob("*.json")) + sorted(model_dir.glob("*.safetensors"))
-              if p.stat().st_size < 2**31] or ["- (no files)"]
+    inputs = [f"- `{p.name}` {p.stat().st_size:,} bytes, {_fingerprint(p)}"
+              for p in sorted(model_dir.glob("*.json")) + sorted(model_dir.glob("*.safetensors"))] or ["- (no files)"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     losses = result.losses
     summary = "\n".join(f"| {r['part']} | {r['params']:,} | {r['dtypes']} | {r['linear4bit']} | {r['lora_modules']} | {r['trainable']:,} |"

@@ -380,7 +380,7 @@ class PeakMemory:
     True
     """
 
-    def __init__(self, interval_s: float = 0.005):
+    def __init__(self, interval_s: float = 0.01):
         self.kind = "cuda" if torch.cuda.is_available() else "cpu-rss"
         self.interval_s = interval_s
         self.start = self.peak = 0
