@@ -301,6 +301,8 @@ def test_cli_estimate_only_and_train(vlm_dir, tmp_path, capsys):
     cfg = _write_cli_config(vlm_dir, tmp_path)
     assert main(["finetune", "--config", str(cfg), "--estimate-only"]) == 0
     assert "PEAK" in capsys.readouterr().out
+    assert main(["finetune", "--config", str(cfg), "--estimate-only", "--set", "model=Qwen2.5-VL-7B"]) == 0
+    assert "vocab 152064" in capsys.readouterr().out   # sized from the written-down config, nothing loaded
     assert main(["finetune", "--config", str(cfg)]) == 0
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     assert main(["finetune", "--config", str(cfg), "--set", "target_modules=[nope_proj]"]) == 2

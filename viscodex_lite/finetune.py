@@ -307,12 +307,16 @@ def estimate_for(cfg: FinetuneConfig, *, seq_len: int | None = None, world_size:
     """The memory estimate for this config's model and settings, per GPU.
 
     ``world_size`` (default: the processes ``accelerate launch`` started) shards ``full`` runs.
+    ``cfg.model`` may also name a config the kit knows (``Qwen2.5-VL-3B``, ``Qwen2.5-VL-7B``), to size
+    a run before downloading anything.
     """
     from accelerate import PartialState
 
+    from .memory import REAL_CONFIGS
+
     return estimate_memory(
         world_size=world_size or PartialState().num_processes,
-        config=cfg.model, method=cfg.method, batch_size=cfg.batch_size, seq_len=seq_len or cfg.max_length,
+        config=REAL_CONFIGS.get(cfg.model, cfg.model), method=cfg.method, batch_size=cfg.batch_size, seq_len=seq_len or cfg.max_length,
         lora_r=cfg.lora_r, compute_dtype=str(cfg.dtype).replace("torch.", ""), double_quant=cfg.double_quant,
         upcast_non_quantized=cfg.upcast_non_quantized, optim=cfg.optim,
         gradient_checkpointing=cfg.gradient_checkpointing, name=Path(cfg.model).name,
@@ -646,7 +650,8 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="QLoRA fine-tune a VLM's language model (also under accelerate launch)")
     p.add_argument("--config", required=True, help="YAML file with FinetuneConfig keys (see configs/finetune/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--estimate-only", action="store_true", help="print the memory estimate and exit")
+    p.add_argument("--estimate-only", action="store_true",
+                   help="print the memory estimate and exit (--set model=Qwen2.5-VL-7B sizes a run before downloading)")
     p.add_argument("--world-size", type=int, default=None,
                    help="GPUs a method: full run is sharded over, for --estimate-only (default: launched processes)")
     p.set_defaults(func=_cmd_finetune)
