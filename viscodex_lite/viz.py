@@ -7,11 +7,17 @@ run is not interactive: under nbmake, in CI, in a docs build (``config.static_wi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import html
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
 
 MAX_FIGURE_BYTES = 1_000_000
+MAX_HEATMAP_SIDE = 256  # a 256² float32 heatmap is ~0.45 MB of JSON; a raw 3584² one would be ~87 MB
 
 
 def figure_bytes(fig: go.Figure) -> int:
@@ -26,7 +32,8 @@ def figure_bytes(fig: go.Figure) -> int:
 def explorer(make_figure: Callable[..., go.Figure], *, static: bool, **sliders: tuple[float, float, float, float]):
     """A figure driven by sliders ``name=(min, max, step, default)``; static at the defaults if ``static``.
 
-    Returns what to display: the widget box when interactive, the static figure otherwise.
+    Returns what to display: the widget box when interactive, the static figure otherwise. All-int
+    specs (a layer index) give an integer slider.
 
     >>> fig = explorer(lambda lam: go.Figure(go.Bar(y=[lam, 1 - lam])), static=True, lam=(0, 1, 0.05, 0.7))
     >>> round(fig.data[0].y[0], 2)
@@ -38,10 +45,12 @@ def explorer(make_figure: Callable[..., go.Figure], *, static: bool, **sliders: 
     import ipywidgets as widgets
     from IPython.display import display
 
-    controls = {
-        name: widgets.FloatSlider(min=lo, max=hi, step=step, value=default, description=name, continuous_update=False)
-        for name, (lo, hi, step, default) in sliders.items()
-    }
+    def slider(name, lo, hi, step, default):
+        whole = all(isinstance(v, int) for v in (lo, hi, step, default))  # a layer index, not a weight
+        kind = widgets.IntSlider if whole else widgets.FloatSlider
+        return kind(min=lo, max=hi, step=step, value=default, description=name, continuous_update=False)
+
+    controls = {name: slider(name, *spec) for name, spec in sliders.items()}
     out = widgets.Output()
 
     def redraw(**values):
@@ -54,7 +63,7 @@ def explorer(make_figure: Callable[..., go.Figure], *, static: bool, **sliders: 
 
 
 def line_figure(x, series: dict[str, list[float]], *, title: str, x_title: str, y_title: str,
-                marker_x: float | None = None) -> go.Figure:
+                marker_x: float | None = None, log_y: bool = False) -> go.Figure:
     """A small multi-line chart (e.g. a metric against λ), with an optional vertical marker.
 
     >>> fig = line_figure([0, 1], {"a": [0, 1]}, title="t", x_title="λ", y_title="y", marker_x=0.7)
@@ -67,6 +76,8 @@ def line_figure(x, series: dict[str, list[float]], *, title: str, x_title: str, 
     if marker_x is not None:
         fig.add_vline(x=marker_x, line_dash="dash", line_color="grey")
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=360, margin=dict(t=50, b=40))
+    if log_y:
+        fig.update_yaxes(type="log")
     return fig
 
 
@@ -79,3 +90,194 @@ def bar_figure(labels: list[str], series: dict[str, list[float]], *, title: str,
     fig = go.Figure([go.Bar(x=labels, y=[float(v) for v in vals], name=name) for name, vals in series.items()])
     fig.update_layout(title=title, yaxis_title=y_title, barmode="group", height=380, margin=dict(t=50, b=120))
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Heatmaps and histograms
+# ---------------------------------------------------------------------------------------------
+
+
+def heatmap_figure(z, *, x: Sequence | None = None, y: Sequence | None = None, title: str, x_title: str = "",
+                   y_title: str = "", colorbar_title: str = "", zmid: float | None = None) -> go.Figure:
+    """A heatmap of a small matrix (≤ 256 × 256, sent as float32; NaN cells stay blank).
+
+    A diverging scale centred on ``zmid`` when given (e.g. 0 for cosines), else Viridis.
+
+    >>> fig = heatmap_figure(np.eye(3), title="t")
+    >>> fig.data[0].z.dtype, figure_bytes(fig) < MAX_FIGURE_BYTES
+    (dtype('float32'), True)
+    """
+    z = np.asarray(z, dtype=np.float32)
+    if z.ndim != 2 or max(z.shape) > MAX_HEATMAP_SIDE:
+        raise ValueError(f"heatmap_figure takes a matrix of at most {MAX_HEATMAP_SIDE}² (got shape {z.shape}); "
+                         "pool it first (viscodex_lite.analysis.pool_matrix) or use delta_heatmap.")
+    scale = dict(colorscale="RdBu_r", zmid=zmid) if zmid is not None else dict(colorscale="Viridis")
+    fig = go.Figure(go.Heatmap(z=z, x=None if x is None else list(x), y=None if y is None else list(y),
+                               colorbar=dict(title=colorbar_title), hoverongaps=False, **scale))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=420, margin=dict(t=50, b=40))
+    return fig
+
+
+def delta_heatmap(matrix, *, title: str, reduce: str = "absmax") -> go.Figure:
+    """One weight (delta) matrix as a heatmap, block-pooled to ≤ 256 × 256 float32 first.
+
+    ``reduce="absmax"`` shows where the biggest changes are, ``"mean"`` their signed structure.
+
+    >>> import torch
+    >>> fig = delta_heatmap(torch.randn(1000, 600), title="τ")
+    >>> fig.data[0].z.shape
+    (250, 200)
+    """
+    import torch
+
+    from .analysis import pool_matrix
+
+    pooled = pool_matrix(torch.as_tensor(np.asarray(matrix, dtype=np.float32)), MAX_HEATMAP_SIDE, reduce)
+    what = "max |τ| per block" if reduce == "absmax" else "mean τ per block"
+    return heatmap_figure(pooled, title=title, x_title="input (pooled columns)", y_title="output (pooled rows)",
+                          colorbar_title=what, zmid=0.0 if reduce == "mean" else None)
+
+
+def histogram_figure(hist, *, title: str, x_title: str = "τ", lines: dict[str, float] | None = None) -> go.Figure:
+    """Overlaid histograms of an :class:`viscodex_lite.analysis.Histogram` (counts, not raw values,
+    so the figure stays small), with optional labelled vertical ``lines`` (e.g. TIES thresholds).
+
+    >>> from viscodex_lite.analysis import value_histogram
+    >>> fig = histogram_figure(value_histogram({"a": np.random.randn(10_000)}), title="t", lines={"t": 1.0})
+    >>> len(fig.data), figure_bytes(fig) < 20_000
+    (1, True)
+    """
+    centres = ((hist.edges[:-1] + hist.edges[1:]) / 2).astype(np.float32)
+    width = float(hist.edges[1] - hist.edges[0])
+    fig = go.Figure([go.Bar(x=centres, y=counts.astype(np.float32), name=label, opacity=0.6, width=width)
+                     for label, counts in hist.counts.items()])
+    for label, x in (lines or {}).items():
+        fig.add_vline(x=x, line_dash="dash", line_color="grey", annotation_text=label)
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="count (sampled entries)", barmode="overlay",
+                      height=360, margin=dict(t=50, b=40))
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures of a weight-delta table (viscodex_lite.analysis)
+# ---------------------------------------------------------------------------------------------
+
+_LABELS = {"rel": "‖τ‖ / ‖θ_base‖", "cos": "cosine(τ, τ)", "conflict": "sign-conflict rate", "frac_changed":
+           "fraction changed", "energy": "share of ‖τ‖² kept", "overlap": "top-k overlap", "kept_conflict":
+           "sign conflicts among kept", "density": "kept fraction", "keep": "share of τ kept"}
+
+
+def _describe(metric: str) -> str:
+    kind, _, rest = metric.partition(":")
+    return f"{_LABELS.get(kind, kind)} ({rest})" if rest else _LABELS.get(kind, kind)
+
+
+def layer_module_heatmap(table, metric: str, *, title: str | None = None) -> go.Figure:
+    """Layers × modules heatmap of ``metric`` (e.g. ``"rel:vlm"``, ``"cos:vlm~code"``) from an analysis table.
+
+    Cosines are centred on 0 and conflict rates on 0.5 (their chance level).
+    """
+    from .analysis import layer_module_table
+
+    grid = layer_module_table(table, metric)
+    kind = metric.partition(":")[0]
+    zmid = {"cos": 0.0, "conflict": 0.5, "kept_conflict": 0.5}.get(kind)
+    return heatmap_figure(grid.to_numpy(), x=list(grid.columns), y=[str(i) for i in grid.index],
+                          title=title or _describe(metric), x_title="module", y_title="layer",
+                          colorbar_title=kind, zmid=zmid)
+
+
+def _per_layer(table):
+    """The table's language-model transformer layers, each summed over its tensors."""
+    from .analysis import aggregate
+
+    return aggregate(table[(table["layer"] >= 0) & (table["part"] == "language_model")], "layer")
+
+
+def per_layer_figure(table, metrics: Sequence[str], *, title: str, y_title: str = "",
+                     log_y: bool = False) -> go.Figure:
+    """A line per metric across the transformer layers (each metric computed over the whole layer)."""
+    layers = _per_layer(table)
+    return line_figure(list(layers.index), {_describe(m): layers[m].tolist() for m in metrics}, title=title,
+                       x_title="layer", y_title=y_title, log_y=log_y)
+
+
+def layer_figure(table, layer: int, metrics: Sequence[str], *, title: str | None = None) -> go.Figure:
+    """Grouped bars of ``metrics`` for every module of one layer (for a layer selector)."""
+    from .analysis import aggregate
+
+    rows = table[(table["layer"] == layer) & (table["part"] == "language_model")]
+    if rows.empty:
+        raise ValueError(f"layer {layer} is not in the table (layers {sorted(set(table['layer']) - {-1})})")
+    modules = aggregate(rows, "module")
+    return bar_figure(list(modules.index), {_describe(m): modules[m].tolist() for m in metrics},
+                      title=title or f"layer {layer}", y_title="")
+
+
+def ties_figure(table, density: float, a: str = "vlm", b: str = "code") -> go.Figure:
+    """What TIES trimming at ``density`` keeps, per layer: each task vector's share of ‖τ‖², the
+    overlap of the two kept sets (chance level = density) and the sign conflicts among entries both keep."""
+    from .analysis import densities_of
+
+    d = f"{density:g}"
+    if f"kept:{a}@{d}" not in table:
+        raise ValueError(f"the table has no TIES columns at density {d}: it was computed at {densities_of(table)}")
+    layers = _per_layer(table)
+    series = {f"‖τ_{a}‖² kept": layers[f"energy:{a}@{d}"].tolist(), f"‖τ_{b}‖² kept": layers[f"energy:{b}@{d}"].tolist(),
+              "top-k overlap": layers[f"overlap:{a}~{b}@{d}"].tolist(),
+              "sign conflicts among both kept": layers[f"kept_conflict:{a}~{b}@{d}"].tolist()}
+    fig = line_figure(list(layers.index), series, title=f"TIES at density {d}: what trimming keeps, per layer",
+                      x_title="layer", y_title="share")
+    fig.add_hline(y=density, line_dash="dot", line_color="grey", annotation_text="overlap by chance")
+    return fig
+
+
+def lambda_figure(table, lam: float, a: str = "vlm", b: str = "code") -> go.Figure:
+    """What θ_base + λ·τ_a + (1−λ)·τ_b keeps of each task vector, per layer (exact, from the table)."""
+    from .analysis import lambda_retention
+
+    layers = _per_layer(table)
+    kept = lambda_retention(layers, lam, a, b)
+    fig = line_figure(list(layers.index), {f"share of τ_{a} kept": kept[f"keep:{a}"].tolist(),
+                                           f"share of τ_{b} kept": kept[f"keep:{b}"].tolist()},
+                      title=f"VisCodex merge at λ = {lam:.2f}: what each skill's update keeps, per layer",
+                      x_title="layer", y_title="⟨τ_λ, τ⟩ / ‖τ‖²")
+    for y, text in ((lam, "λ"), (1 - lam, "1 − λ")):
+        fig.add_hline(y=y, line_dash="dot", line_color="grey", annotation_text=text)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# A self-contained HTML report
+# ---------------------------------------------------------------------------------------------
+
+
+def html_report(path: str | Path, title: str, sections: Sequence[tuple[str, object]]) -> Path:
+    """Write an HTML page of ``(heading, content)`` sections, where content is a plotly figure or an
+    HTML string; plotly.js is embedded once, so the page works offline. Written atomically.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts, plotly_js = [], True
+    for heading, content in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if isinstance(content, go.Figure):
+            parts.append(content.to_html(full_html=False, include_plotlyjs=plotly_js))
+            plotly_js = False
+        else:
+            parts.append(str(content))
+    page = ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><style>body{{font-family:system-ui,sans-serif;max-width:1100px;"
+            "margin:2em auto;padding:0 1em}table{border-collapse:collapse;font-size:0.9em}"
+            "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
