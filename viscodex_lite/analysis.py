@@ -75,6 +75,7 @@ import numpy as np
 import torch
 
 from .errors import KitError
+from .layout import LM_PROJECTIONS
 from .task_vectors import magnitude_threshold
 
 __all__ = [
@@ -114,8 +115,7 @@ class AnalysisError(KitError):
 # Coarse module groups of a Qwen2 language model (the order figures use), then the VLM's other parts.
 GROUPS = ("embeddings", "attention", "mlp", "norms", "lm_head", "vision_tower", "projector", "other")
 # Language-model modules inside a transformer block, in the order they run.
-LM_MODULES = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_layernorm",
-              "gate_proj", "up_proj", "down_proj")
+LM_MODULES = ("input_layernorm", *LM_PROJECTIONS[:4], "post_attention_layernorm", *LM_PROJECTIONS[4:])
 _BLOCK = re.compile(r"^(?:model\.layers|visual\.blocks)\.(\d+)\.(.+)$")
 
 

@@ -134,13 +134,17 @@ def delta_heatmap(matrix, *, title: str, reduce: str = "absmax") -> go.Figure:
 
     pooled = pool_matrix(torch.as_tensor(np.asarray(matrix, dtype=np.float32)), MAX_HEATMAP_SIDE, reduce)
     what = "max |τ| per block" if reduce == "absmax" else "mean τ per block"
-    return heatmap_figure(pooled, title=title, x_title="input (pooled columns)", y_title="output (pooled rows)",
-                          colorbar_title=what, zmid=0.0 if reduce == "mean" else None)
+    fig = heatmap_figure(pooled, title=title, x_title="input (pooled columns)", y_title="output (pooled rows)",
+                         colorbar_title=what, zmid=0.0 if reduce == "mean" else None)
+    fig.update_yaxes(autorange="reversed")  # row 0 on top, as a matrix is written
+    return fig
 
 
-def histogram_figure(hist, *, title: str, x_title: str = "τ", lines: dict[str, float] | None = None) -> go.Figure:
+def histogram_figure(hist, *, title: str, x_title: str = "τ", lines: dict[str, float] | None = None,
+                     mirror: bool = False) -> go.Figure:
     """Overlaid histograms of an :class:`viscodex_lite.analysis.Histogram` (counts, not raw values,
-    so the figure stays small), with optional labelled vertical ``lines`` (e.g. TIES thresholds).
+    so the figure stays small), with optional labelled vertical ``lines`` (e.g. TIES thresholds;
+    ``mirror`` also draws each at −x, for a cut on |τ|).
 
     >>> from viscodex_lite.analysis import value_histogram
     >>> fig = histogram_figure(value_histogram({"a": np.random.randn(10_000)}), title="t", lines={"t": 1.0})
@@ -151,8 +155,11 @@ def histogram_figure(hist, *, title: str, x_title: str = "τ", lines: dict[str, 
     width = float(hist.edges[1] - hist.edges[0])
     fig = go.Figure([go.Bar(x=centres, y=counts.astype(np.float32), name=label, opacity=0.6, width=width)
                      for label, counts in hist.counts.items()])
-    for label, x in (lines or {}).items():
-        fig.add_vline(x=x, line_dash="dash", line_color="grey", annotation_text=label)
+    for i, (label, x) in enumerate((lines or {}).items()):
+        fig.add_vline(x=x, line_dash="dash", line_color="grey", annotation_text=label,
+                      annotation_position="top right" if i % 2 == 0 else "bottom right")
+        if mirror:
+            fig.add_vline(x=-x, line_dash="dash", line_color="grey")
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="count (sampled entries)", barmode="overlay",
                       height=360, margin=dict(t=50, b=40))
     return fig
@@ -198,8 +205,13 @@ def per_layer_figure(table, metrics: Sequence[str], *, title: str, y_title: str 
                      log_y: bool = False) -> go.Figure:
     """A line per metric across the transformer layers (each metric computed over the whole layer)."""
     layers = _per_layer(table)
-    return line_figure(list(layers.index), {_describe(m): layers[m].tolist() for m in metrics}, title=title,
-                       x_title="layer", y_title=y_title, log_y=log_y)
+    return _layer_axis(line_figure(list(layers.index), {_describe(m): layers[m].tolist() for m in metrics},
+                                   title=title, x_title="layer", y_title=y_title, log_y=log_y), len(layers))
+
+
+def _layer_axis(fig: go.Figure, layers: int) -> go.Figure:
+    """Whole-number layer ticks (every one up to 32 layers)."""
+    return fig.update_xaxes(dtick=1 if layers <= 32 else None, tick0=0)
 
 
 def layer_figure(table, layer: int, metrics: Sequence[str], *, title: str | None = None) -> go.Figure:
@@ -209,25 +221,31 @@ def layer_figure(table, layer: int, metrics: Sequence[str], *, title: str | None
     rows = table[(table["layer"] == layer) & (table["part"] == "language_model")]
     if rows.empty:
         raise ValueError(f"layer {layer} is not in the table (layers {sorted(set(table['layer']) - {-1})})")
+    from .analysis import LM_MODULES
+
     modules = aggregate(rows, "module")
+    modules = modules.loc[[m for m in LM_MODULES if m in modules.index] + [m for m in modules.index if m not in LM_MODULES]]
     return bar_figure(list(modules.index), {_describe(m): modules[m].tolist() for m in metrics},
                       title=title or f"layer {layer}", y_title="")
 
 
 def ties_figure(table, density: float, a: str = "vlm", b: str = "code") -> go.Figure:
-    """What TIES trimming at ``density`` keeps, per layer: each task vector's share of ‖τ‖², the
-    overlap of the two kept sets (chance level = density) and the sign conflicts among entries both keep."""
+    """What TIES trimming at ``density`` keeps, per layer: each task vector's share of ‖τ‖², and in
+    the tensors both changed the overlap of the two kept sets (chance level = density) and the sign
+    conflicts among entries both keep."""
     from .analysis import densities_of
 
     d = f"{density:g}"
     if f"kept:{a}@{d}" not in table:
         raise ValueError(f"the table has no TIES columns at density {d}: it was computed at {densities_of(table)}")
     layers = _per_layer(table)
+    # overlap is only meaningful where both changed a tensor: elsewhere one kept set is empty
+    shared = _per_layer(table[(table[f"tau_sq:{a}"] > 0) & (table[f"tau_sq:{b}"] > 0)]).reindex(layers.index)
     series = {f"‖τ_{a}‖² kept": layers[f"energy:{a}@{d}"].tolist(), f"‖τ_{b}‖² kept": layers[f"energy:{b}@{d}"].tolist(),
-              "top-k overlap": layers[f"overlap:{a}~{b}@{d}"].tolist(),
-              "sign conflicts among both kept": layers[f"kept_conflict:{a}~{b}@{d}"].tolist()}
-    fig = line_figure(list(layers.index), series, title=f"TIES at density {d}: what trimming keeps, per layer",
-                      x_title="layer", y_title="share")
+              "top-k overlap (tensors both changed)": shared[f"overlap:{a}~{b}@{d}"].tolist(),
+              "sign conflicts among entries both keep": shared[f"kept_conflict:{a}~{b}@{d}"].tolist()}
+    fig = _layer_axis(line_figure(list(layers.index), series, title=f"TIES at density {d}: what trimming keeps, per layer",
+                                  x_title="layer", y_title="share"), len(layers))
     fig.add_hline(y=density, line_dash="dot", line_color="grey", annotation_text="overlap by chance")
     return fig
 
@@ -242,6 +260,7 @@ def lambda_figure(table, lam: float, a: str = "vlm", b: str = "code") -> go.Figu
                                            f"share of τ_{b} kept": kept[f"keep:{b}"].tolist()},
                       title=f"VisCodex merge at λ = {lam:.2f}: what each skill's update keeps, per layer",
                       x_title="layer", y_title="⟨τ_λ, τ⟩ / ‖τ‖²")
+    _layer_axis(fig, len(layers)).update_yaxes(rangemode="tozero")
     for y, text in ((lam, "λ"), (1 - lam, "1 − λ")):
         fig.add_hline(y=y, line_dash="dot", line_color="grey", annotation_text=text)
     return fig
