@@ -8,9 +8,10 @@ Two halves, as everywhere in the kit:
    the whole model), block pooling of a matrix (:func:`pool_matrix`), value histograms
    (:func:`value_histogram`) and top singular values (:func:`top_singular_values`).
 2. **The streaming driver** (:func:`analyze`): opens the checkpoints lazily with
-   :class:`viscodex_lite.checkpoints.Checkpoint`, walks the base's tensors one at a time and reads
-   each in chunks of at most ``chunk_mb`` from every model, adding each chunk's sums. Peak memory is a
-   few chunk buffers, whatever the model size (a 7B trio streams in well under 1 GB).
+   :class:`viscodex_lite.checkpoints.Checkpoint`, walks the tensors one at a time and reads each in
+   chunks of at most ``chunk_mb`` from every model (a worker thread reads the next chunk while a
+   compiled kernel runs over the current one), adding each chunk's sums to the tensor's row. Peak
+   memory is a few chunk buffers, whatever the model size (a 7B trio streams in well under 1 GB).
 
 The result is a tidy :class:`pandas.DataFrame`, one row per tensor, that :func:`save_table` and
 :func:`load_table` write and read (``.parquet`` or ``.csv``). Its columns, for models labelled ``a``
@@ -38,23 +39,22 @@ param group shape numel``         ``layer`` is -1 outside the transformer blocks
                                  sign election has to resolve
 ===============================  ==================================================================
 
-Sums (``*_sq``, ``dot``, ``changed``, ``both``, ``conflicts``, ``kept*``, ``numel``) add exactly over
-chunks and over tensors, so :func:`aggregate` sums them per layer or module group and derives the
-metrics with the same :func:`derive`: a layer's cosine is ⟨τ_a, τ_b⟩ over the whole layer, not a mean
-of per-tensor cosines. Sums are accumulated per chunk in float32 and across chunks in float64;
-counts are exact integers.
+Sums (``*_sq``, ``dot``, ``changed``, ``both``, ``conflicts``, ``kept*``, ``numel``) add over chunks
+and over tensors, so :func:`aggregate` sums them per layer or module group and derives the metrics
+with the same :func:`derive`: a layer's cosine is ⟨τ_a, τ_b⟩ over the whole layer, not a mean of
+per-tensor cosines. Sums run in float32 within blocks of 1024 entries and in float64 across blocks
+(relative error ≲ 1e-6); counts are exact. Chunks are whole blocks, so a tensor read in small
+chunks gives the same sums as read whole, to float64 rounding.
 
-**TIES thresholds.** t_a(d) is the magnitude of the ⌊d·n⌋-th largest |τ_a| of the tensor
-(``task_vectors.magnitude_threshold``). It is exact for every tensor that fits in one chunk (all of
-a tiny model, and every attention and MLP matrix of a 0.5B model at the default 16 MB). For bigger
-tensors it is the same quantile of a sample of ``sample`` entries read in 16 contiguous blocks at
-seeded random positions: the kept fraction then differs from ``d`` by about √(d(1−d)/sample)
-(≈ 4e-4 at d = 0.2 and 2^20 samples), and ``density:a@d`` reports exactly what was counted, so
-every TIES column is exact *for the threshold used*. ``exact_topk=True`` finds exact thresholds for
-big tensors too, by a streamed radix select (two more reads of each big tensor).
-
-Floating-point caveat: ``both``/``conflicts`` test the sign of the float32 product τ_a·τ_b, so an
-entry whose product underflows (|τ_a·τ_b| < 1e-45, both deltas below ~1e-22) counts as unchanged.
+**TIES thresholds.** t_a(d) is the magnitude of the ⌊d·n⌋-th largest |τ_a| of the tensor, as
+``task_vectors.magnitude_threshold`` defines it (ties at the threshold are kept; an unchanged entry,
+τ = 0, is never counted as kept). It is exact for tensors of up to ``sample`` entries (default
+2^15). Above that it is the same quantile of a seeded random sample of ``sample`` entries (taken
+from memory when the tensor fits in one chunk, else read as 64 contiguous blocks at random
+positions), so the kept fraction differs from ``d`` by about √(d(1−d)/sample), ≈ 0.002 at d = 0.2.
+``density:a@d`` reports exactly what was counted, so every TIES column is exact *for the threshold
+used*. ``sample=None`` makes every threshold exact (bigger tensors are then read twice more, for a
+streamed radix select).
 """
 
 from __future__ import annotations
@@ -588,22 +588,18 @@ def _threshold(tau: np.ndarray, density: float) -> float:
     return float(np.partition(magnitudes, n - k)[n - k])
 
 
-class _Preparer:
-    """Reads the next chunk of every model (and, at a tensor's first chunk, finds its TIES thresholds)
-    in a worker thread while the main thread runs the kernel on the current one. Two buffer sets
-    alternate, so memory is 2 × chunk × models whatever the model size."""
+class _Reader:
+    """Reads chunks of one tensor from every model into reused buffers, and finds its TIES thresholds.
+
+    :func:`_stream` reads the next chunk in a worker thread while the kernel runs on the current one
+    (two buffer sets alternate, so memory is 2 × chunk × models whatever the model size); the
+    thresholds are found on the main thread, which balances the two threads' work.
+    """
 
     def __init__(self, ckpts, elements: int, labels: Sequence[str], densities: Sequence[float], sample: int | None):
         self.ckpts, self.elements, self.labels, self.densities, self.sample = ckpts, elements, labels, densities, sample
         self.raw = [{k: torch.empty(elements * 4, dtype=torch.uint8) for k in ckpts} for _ in range(2)]
         self.f32: list[dict[str, torch.Tensor]] = [{}, {}]
-        self.thresholds: dict[tuple[str, float], float] = {}
-
-    def __call__(self, name: str, infos, spans, index: int, which: int):
-        arrays = self.read(infos, spans[index], which)
-        if index == 0:
-            self.thresholds = self.find_thresholds(name, infos, arrays if len(spans) == 1 else None)
-        return arrays, self.thresholds
 
     def read(self, infos, span, which: int) -> dict[str, np.ndarray]:
         """One span of every model: uint16 bf16 bits when all are bf16, else float32."""
@@ -680,7 +676,7 @@ def _select(names: Iterable[str], select) -> list[str]:
 
 
 def analyze(base: str | Path, models: Mapping[str, str | Path], *, densities: Sequence[float] = (0.2,),
-            select: str | Callable[[str], bool] | None = None, chunk_mb: float = 16.0, sample: int | None = 2**16,
+            select: str | Callable[[str], bool] | None = None, chunk_mb: float = 16.0, sample: int | None = 2**15,
             progress: bool = False, log: Callable[[str], None] | None = print):
     """Stream a base and its fine-tuned ``models`` (``{"vlm": path, "code": path}``) tensor by tensor
     and return the per-tensor table (one row per tensor, see the module docstring).
@@ -734,7 +730,7 @@ def analyze(base: str | Path, models: Mapping[str, str | Path], *, densities: Se
             rows.append(row)
             if row["status"] == "ok":
                 work.append((row, infos, _spans(math.prod(shape), elements) or [(0, 0)]))
-        _stream(work, _Preparer(ckpts, elements, labels, densities, sample), densities, progress)
+        _stream(work, _Reader(ckpts, elements, labels, densities, sample), densities, progress)
     finally:
         for c in ckpts.values():
             c.close()
@@ -750,7 +746,7 @@ def analyze(base: str | Path, models: Mapping[str, str | Path], *, densities: Se
     return table
 
 
-def _stream(work, prepare: _Preparer, densities, progress: bool) -> None:
+def _stream(work, reader: _Reader, densities, progress: bool) -> None:
     """Run the kernel over every chunk of every tensor in ``work``, adding the sums to its row."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -762,13 +758,16 @@ def _stream(work, prepare: _Preparer, densities, progress: bool) -> None:
         bar = tqdm(total=len(work), unit="tensor", desc="analyze")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="analysis-read") as pool:
         def submit(k):
-            row, infos, spans, i = items[k]
-            return pool.submit(prepare, row["name"], infos, spans, i, k % 2)
+            _, infos, spans, i = items[k]
+            return pool.submit(reader.read, infos, spans[i], k % 2)
 
         pending = submit(0) if items else None
+        thresholds: dict = {}
         for k, (row, infos, spans, i) in enumerate(items):
-            arrays, thresholds = pending.result()
+            arrays = pending.result()
             pending = submit(k + 1) if k + 1 < len(items) else None
+            if i == 0:
+                thresholds = reader.find_thresholds(row["name"], infos, arrays if len(spans) == 1 else None)
             base = arrays.pop("base")
             for column, value in _kernel_sums(base, arrays, densities, thresholds).items():
                 row[column] = row.get(column, 0.0) + value
