@@ -27,7 +27,7 @@ demo: $(STAMP)
 ## Every test: unit tests, then every notebook through nbmake in tiny mode.
 test: $(STAMP)
 	VISCODEX_LITE_MODE=tiny TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 \
-	  $(BIN)/python -m pytest --nbmake --nbmake-timeout=300 --doctest-modules --durations=15 -q -rs viscodex_lite tests notebooks
+	  $(BIN)/python -m pytest --nbmake --nbmake-timeout=120 --doctest-modules --durations=15 -q -rs viscodex_lite tests notebooks
 
 ## JupyterLab on notebooks/ with the kit's kernel.
 lab: $(STAMP)

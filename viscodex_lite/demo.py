@@ -81,6 +81,9 @@ def _render(sections: list[Section], cfg: config.RunConfig) -> str:
 
 def run(cfg: config.RunConfig | None = None, out_dir: Path | None = None) -> tuple[Path, bool]:
     """Run every available step and write ``report.html``; returns its path and whether all steps passed."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the demo prints its own one line per step
     cfg = cfg or config.current()
     config.seed_everything(cfg.seed)
     out_dir = Path(out_dir) if out_dir else cfg.workdir("demo")
