@@ -1,82 +1,128 @@
 """``viscodex-lite demo``: the whole pipeline in one command, ending in an HTML report.
 
-Steps run in order; each returns a section of the report. A step whose capability is not part of
-this checkout yet is listed as missing rather than faked.
+Steps run in order; each returns a :class:`report.Section` (text, tables, figures) and may leave
+what later steps need in ``state``. A step whose capability is not part of this checkout yet is
+listed as missing rather than faked. The report is one offline HTML page (``report.py``); the
+terminal gets a summary table at the end.
 """
 
 from __future__ import annotations
 
-import html
 import importlib
-import os
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import config
+from . import config, report, viz
+from .report import Section
 
 
-@dataclass
-class Section:
-    title: str
-    status: str  # "ok", "missing" or "failed"
-    lines: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def _step_setup(cfg: config.RunConfig, workdir: Path) -> Section:
+def _step_setup(cfg: config.RunConfig, workdir: Path, state: dict) -> Section:
     from . import envcheck
 
-    rows = envcheck.report()
     problems = envcheck.version_problems()
-    return Section("Setup check", "failed" if problems else "ok",
-                   [f"{k}: {v}" for k, v in rows.items()] + problems)
+    section = Section("Setup check", "failed" if problems else "ok")
+    section.table([{"item": k, "value": v} for k, v in envcheck.report().items()])
+    return section.bullets(problems)
 
 
-def _step_task_arithmetic(cfg: config.RunConfig, workdir: Path) -> Section:
+def _step_task_arithmetic(cfg: config.RunConfig, workdir: Path, state: dict) -> Section:
     import torch
 
     from . import tiny
     from .task_vectors import TaskVector, viscodex_merge
 
-    trio = tiny.make_trio(workdir / "tiny_trio")
+    trio = state["trio"] = tiny.make_trio(workdir / "tiny_trio")
     weights = tiny.load_trio_weights(trio)
     lam = 0.7
-    merged = {k: viscodex_merge(weights["base"][k], weights["vlm_lm"][k], weights["code"][k], lam) for k in weights["base"]}
-    lerp_gap = max(float((merged[k] - (lam * weights["vlm_lm"][k] + (1 - lam) * weights["code"][k])).abs().max())
-                   for k in merged)
+
+    def merged(lam):
+        return {k: viscodex_merge(weights["base"][k], weights["vlm_lm"][k], weights["code"][k], lam) for k in weights["base"]}
+
+    def distance(a, b):
+        return float(torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
+
+    paper = merged(lam)
+    lerp_gap = max(float((paper[k] - (lam * weights["vlm_lm"][k] + (1 - lam) * weights["code"][k])).abs().max()) for k in paper)
     tau_code = TaskVector.between(weights["code"], weights["base"])
+    tau_vlm = TaskVector.between(weights["vlm_lm"], weights["base"])
     recovered = all(torch.allclose(tau_code.vectors[k], d, atol=float(weights["base"][k].abs().max()) * 2**-8)
                     for k, d in trio.code_delta.items())
-    ok = lerp_gap < 1e-5 and recovered
-    return Section("Task arithmetic on a tiny Qwen2 / Qwen2.5-VL trio", "ok" if ok else "failed", [
-        f"merged {len(merged)} language-model tensors at λ = {lam}",
-        f"max |formula − linear interpolation| = {lerp_gap:.2e}",
-        f"planted code skill recovered from the checkpoints: {recovered}",
-    ])
+    grid = [i / 10 for i in range(11)]
+    span = distance(weights["vlm_lm"], weights["code"])
+    sweep = {g: merged(g) for g in grid}
+    changed = sorted(set(trio.code_delta) | set(trio.vlm_delta))
+    short = [k.removeprefix("model.layers.").removesuffix(".weight") for k in changed]
 
+    section = Section("Task arithmetic on a tiny Qwen2 / Qwen2.5-VL trio", "ok" if lerp_gap < 1e-5 and recovered else "failed")
+    section.text("Random toy checkpoints of the real classes with planted skills: this shows the merge's mechanics "
+                 "on the real file format, not skills (the trained mini family does that).")
+    section.table([
+        {"check": "language-model tensors merged at λ = 0.7", "value": len(paper)},
+        {"check": "max |formula − linear interpolation|", "value": f"{lerp_gap:.2e}"},
+        {"check": "planted code skill recovered from the checkpoints", "value": recovered},
+        {"check": "cos(τ_vlm, τ_code) over the whole LM", "value": round(tau_vlm.cosine(tau_code), 4)},
+    ])
+    section.figure(viz.line_figure(grid, {"distance to the VLM": [distance(sweep[g], weights["vlm_lm"]) / span for g in grid],
+                                          "distance to the code model": [distance(sweep[g], weights["code"]) / span for g in grid]},
+                                   title="λ sweep: the merged LM between its parents", x_title="λ (weight of τ_vlm)",
+                                   y_title="relative distance", marker_x=lam))
+    section.figure(viz.bar_figure(short, {"‖τ_code‖": [tau_code.vectors[k].norm() for k in changed],
+                                          "‖τ_vlm‖": [tau_vlm.vectors[k].norm() for k in changed]},
+                                  title="Task-vector norm per changed tensor", y_title="Frobenius norm"))
+    return section
+
+
+def _step_generate(cfg: config.RunConfig, workdir: Path, state: dict) -> Section:
+    from . import generate, tiny
+
+    image_dir = workdir / "images"
+    image_dir.mkdir(exist_ok=True)
+    requests = []
+    for n, question in enumerate(["Write the matplotlib code for this chart.", "How many bars are there?",
+                                  "Which bar is the tallest?", "Describe the colours."]):
+        tiny.chart_image(seed=n).save(image_dir / f"chart-{n}.png")
+        requests.append({"case_id": f"chart-{n}", "prompt": question, "images": [str(image_dir / f"chart-{n}.png")]})
+    start = time.perf_counter()
+    responses = generate.generate(state["trio"].vlm, requests, max_new_tokens=cfg.pick(tiny=16, lab=256), batch_size=4,
+                                  progress=cfg.mode != "tiny")
+    seconds = time.perf_counter() - start
+    path = generate.write_responses(responses, workdir / "responses.jsonl")
+    tokens = sum(r["new_tokens"] for r in responses)
+    section = Section("Batched generation (tiny VLM, chart prompts)", "ok" if len(responses) == len(requests) else "failed")
+    section.text("Greedy, left-padded batch on the tiny trio's Qwen2.5-VL; its weights are random, so the text is noise. "
+                 f"{tokens} new tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s) → {path.name}.")
+    return section.table([{"case": r["case_id"], "prompt": q["prompt"], "response (escaped)": repr(r["response"])[:60],
+                           "tokens": r["new_tokens"]} for r, q in zip(responses, requests)])
+
+
+STEPS = (_step_setup, _step_task_arithmetic, _step_generate)
 
 # (title, module that provides the capability) for steps not yet wired into the demo.
 PLANNED = [
     ("Preflight and streaming merge of the mini family", "viscodex_lite.merge"),
     ("Weight-delta analysis", "viscodex_lite.analysis"),
     ("QLoRA fine-tuning on mini-MCD", "viscodex_lite.finetune"),
-    ("Generation and InfiBench-V scoring", "viscodex_lite.infibench"),
+    ("InfiBench-V scoring", "viscodex_lite.infibench"),
 ]
 
 
-def _render(sections: list[Section], cfg: config.RunConfig) -> str:
-    colour = {"ok": "#1a7f37", "missing": "#9a6700", "failed": "#cf222e"}
-    body = []
-    for s in sections:
-        items = "".join(f"<li>{html.escape(line)}</li>" for line in s.lines)
-        body.append(f"<section><h2>{html.escape(s.title)} <span style='color:{colour[s.status]}'>[{s.status}]</span>"
-                    f" <small>{s.seconds:.1f} s</small></h2><ul>{items}</ul></section>")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>viscodex-lite demo ({cfg.mode})</title>"
-            "<style>body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em}"
-            "small{color:#666}</style></head><body>"
-            f"<h1>viscodex-lite demo — {cfg.mode} mode</h1>{''.join(body)}</body></html>")
+def _summary(sections: list[Section], cfg: config.RunConfig, seconds: float) -> Section:
+    rows = [{"step": s.title, "status": s.status, "seconds": round(s.seconds or 0.0, 2)} for s in sections]
+    summary = Section("Summary", "failed" if any(s.status == "failed" for s in sections) else "ok", seconds)
+    summary.text(f"Mode {cfg.mode} on {cfg.device}; seed {cfg.seed}; {len(sections)} steps in {seconds:.1f} s.",
+                 *cfg.notes)
+    summary.table(rows)
+    timed = [r for r in rows if r["status"] != "missing"]
+    fig = viz.bar_figure([r["step"][:40] for r in timed], {"seconds": [r["seconds"] for r in timed]},
+                         title="Time per step", y_title="seconds")
+    return summary.figure(fig)
+
+
+def _terminal_table(sections: list[Section]) -> str:
+    width = max(len(s.title) for s in sections)
+    lines = [f"{'step':{width}s}  {'status':7s}  seconds", f"{'-' * width}  -------  -------"]
+    lines += [f"{s.title:{width}s}  {s.status:7s}  {s.seconds or 0:7.1f}" for s in sections]
+    return "\n".join(lines)
 
 
 def run(cfg: config.RunConfig | None = None, out_dir: Path | None = None) -> tuple[Path, bool]:
@@ -88,29 +134,28 @@ def run(cfg: config.RunConfig | None = None, out_dir: Path | None = None) -> tup
     config.seed_everything(cfg.seed)
     out_dir = Path(out_dir) if out_dir else cfg.workdir("demo")
     out_dir.mkdir(parents=True, exist_ok=True)
-    sections = []
-    for step in (_step_setup, _step_task_arithmetic):
+    sections, state, begin = [], {}, time.perf_counter()
+    for step in STEPS:
         start = time.perf_counter()
-        section = step(cfg, out_dir)
+        section = step(cfg, out_dir, state)
         section.seconds = time.perf_counter() - start
         sections.append(section)
         print(f"[{section.status:>7}] {section.title} ({section.seconds:.1f} s)")
     for title, module in PLANNED:
         try:
             importlib.import_module(module)
-            lines = ["built, but not yet wired into the demo"]
+            line = "built, but not yet wired into the demo"
         except ModuleNotFoundError:
-            lines = [f"not built yet ({module})"]
-        sections.append(Section(title, "missing", lines))
-        print(f"[missing] {title}: {lines[0]}")
-    report = out_dir / "report.html"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".html.tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(_render(sections, cfg))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, report)
-    print(f"report: {report}")
-    return report, not any(s.status == "failed" for s in sections)
+            line = f"not built yet ({module})"
+        sections.append(Section(title, "missing").text(line))
+        print(f"[missing] {title}: {line}")
+    total = time.perf_counter() - begin
+    path = report.write(out_dir / "report.html", f"viscodex-lite demo — {cfg.mode} mode",
+                        [_summary(sections, cfg, total), *sections],
+                        subtitle="Merge a coding LLM into a VLM, fine-tune it on MCD, score it on InfiBench-V.")
+    print(_terminal_table(sections))
+    print(f"report: {path}")
+    return path, not any(s.status == "failed" for s in sections)
 
 
 def register_cli(subparsers) -> None:
