@@ -60,7 +60,7 @@ def _step_task_arithmetic(cfg: config.RunConfig, workdir: Path, state: dict) -> 
         {"check": "language-model tensors merged at λ = 0.7", "value": len(paper)},
         {"check": "max |formula − linear interpolation|", "value": f"{lerp_gap:.2e}"},
         {"check": "planted code skill recovered from the checkpoints", "value": recovered},
-        {"check": "cos(τ_vlm, τ_code) over the whole LM", "value": round(tau_vlm.cosine(tau_code), 4)},
+        {"check": "cos(τ_vlm, τ_code) over the whole LM", "value": f"{tau_vlm.cosine(tau_code):+.4f}"},
     ])
     section.figure(viz.line_figure(grid, {"distance to the VLM": [distance(sweep[g], weights["vlm_lm"]) / span for g in grid],
                                           "distance to the code model": [distance(sweep[g], weights["code"]) / span for g in grid]},
