@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "analysis", "check", "checkpoints", "cli", "config", "envcheck", "finetune", "generate",
-    "infibench", "mcd", "merge", "models", "notebooks", "tiny", "task_vectors", "viz", "zoo",
+    "infibench", "mcd", "merge", "mini_mcd", "models", "notebooks", "tiny", "task_vectors", "viz", "zoo",
 }
 
 

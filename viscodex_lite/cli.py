@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name and name.startswith(exc.name):  # that capability is not part of this checkout yet
+            if exc.name and (name == exc.name or name.startswith(exc.name + ".")):  # not in this checkout yet
                 continue
             raise
         module.register_cli(sub)

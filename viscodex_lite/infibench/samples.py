@@ -6,8 +6,8 @@ Their pictures (UI screenshots, charts, error messages, phone mock-ups) are draw
 specs in ``images.yaml`` with Pillow and matplotlib, so ``build_images()`` re-creates the exact
 PNGs (``python -m viscodex_lite.infibench.samples``).
 
->>> img = render({"kind": "terminal", "lines": ["$ ls", "a.txt"]}); img.size
-(640, 120)
+>>> img = render({"kind": "terminal", "lines": ["$ ls", "a.txt"]}); img.width
+640
 """
 
 from __future__ import annotations
