@@ -258,7 +258,7 @@ def _generate_transformers(model_dir, requests, *, max_new_tokens, batch_size, d
     order = sorted(range(len(requests)), key=lambda i: -len(texts[i]))  # similar lengths share a batch: less padding
     results: dict[int, tuple[str, int]] = {}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
+    for batch in tqdm(batches, desc="generate", unit="batch", **({} if progress else {"disable": True})):
         images = [img for i in batch for img in _open_images(requests[i])]
         kwargs = {"images": images} if is_vlm and images else {}
         inputs = processor(text=[texts[i] for i in batch], padding=True, return_tensors="pt", **kwargs).to(model.device)

@@ -166,15 +166,17 @@ def generate_needs(scale: Scale, a: Assumptions = Assumptions()) -> tuple[Needs,
                  f"{a.infibench_cases} x {a.max_new_tokens} new tokens at {speed:.0f} tokens/s"), tp
 
 
-def plan(scale: str = "8b", *, gpus: int = 8, engine: str = "fsdp", models: str = "$VISCODEX_LITE_MODELS",
+def plan(scale: str | Scale = "8b", *, gpus: int = 8, engine: str = "fsdp", models: str = "$VISCODEX_LITE_MODELS",
          data: str = "$VISCODEX_LITE_DATA", runs: str = "runs/full", judge_url: str = "https://api.openai.com/v1",
          assumptions: Assumptions = Assumptions()) -> list[Step]:
-    """The recipe for ``scale`` (``8b`` or ``33b``) on ``gpus`` GPUs with ``engine`` (``fsdp`` or ``deepspeed``)."""
-    if scale not in SCALES:
+    """The recipe for ``scale`` (``8b``, ``33b`` or a :class:`Scale`) on ``gpus`` GPUs with ``engine``
+    (``fsdp`` or ``deepspeed``); checkpoints are ``models/<name>``, MCD and InfiBench-V under ``data``."""
+    if isinstance(scale, str) and scale not in SCALES:
         raise KitError(f"scale {scale!r} is not one of {', '.join(SCALES)}.")
     if engine not in ("fsdp", "deepspeed"):
         raise KitError(f"engine {engine!r}: use fsdp or deepspeed (ZeRO-3).")
-    s, a = SCALES[scale], assumptions
+    s, a = (SCALES[scale] if isinstance(scale, str) else scale), assumptions
+    scale = scale if isinstance(scale, str) else s.name
     merged, sft = f"{runs}/merge/{scale}", f"{runs}/sft/{scale}"
     responses, scores = f"{runs}/infibench/{scale}.responses.jsonl", f"{runs}/infibench/{scale}.scores.jsonl"
     trio = ("--vlm", f"{models}/{s.vlm}", "--code", f"{models}/{s.code}", "--base", f"{models}/{s.base}", "--lam", str(s.lam))
@@ -236,15 +238,21 @@ def script(steps: list[Step], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def commands() -> set[str]:
+    """The ``viscodex-lite`` subcommands this checkout provides."""
+    from .cli import build_parser
+
+    return set(next(a for a in build_parser()._subparsers._group_actions if a.dest == "command").choices)
+
+
 def resolve(step: Step) -> str:
     """``ok`` if the kit's parser accepts the step's command, ``missing command`` if this checkout lacks it,
     else ``bad arguments: ...``. Nothing runs."""
     from .cli import build_parser
 
-    parser = build_parser()
-    commands = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices
-    if step.kit_args[0] not in commands:
+    if step.kit_args[0] not in commands():
         return "missing command"
+    parser = build_parser()
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
