@@ -100,6 +100,20 @@ class Step:
     def argv(self) -> list[str]:
         return [*self.launcher, *self.kit_args]
 
+    def with_options(self, **values) -> Step:
+        """A copy with option values replaced, e.g. for a dry run on tiny inputs.
+
+        >>> plan("8b")[4].with_options(backend="transformers", o="out.jsonl").kit_args[-4:]
+        ('--max-new-tokens', '2048', '-o', 'out.jsonl')
+        """
+        args = list(self.kit_args)
+        for key, value in values.items():
+            flag = f"--{key.replace('_', '-')}" if len(key) > 1 else f"-{key}"
+            if flag not in args:
+                raise KitError(f"step {self.name!r} has no option {flag}.")
+            args[args.index(flag) + 1] = str(value)
+        return replace(self, kit_args=tuple(args))
+
     def shell(self) -> str:
         """The command line (``$VARS`` left for the shell to expand)."""
         return " ".join(a if a.startswith("$") or "/$" in a or a.startswith('"$') else shlex.quote(a) for a in self.argv)
@@ -167,10 +181,12 @@ def generate_needs(scale: Scale, a: Assumptions = Assumptions()) -> tuple[Needs,
 
 
 def plan(scale: str | Scale = "8b", *, gpus: int = 8, engine: str = "fsdp", models: str = "$VISCODEX_LITE_MODELS",
-         data: str = "$VISCODEX_LITE_DATA", runs: str = "runs/full", judge_url: str = "https://api.openai.com/v1",
-         assumptions: Assumptions = Assumptions()) -> list[Step]:
+         data: str = "$VISCODEX_LITE_DATA", runs: str = "runs/full", judge_url: str | None = "https://api.openai.com/v1",
+         mcd: str | None = None, cases: str | None = None, assumptions: Assumptions = Assumptions()) -> list[Step]:
     """The recipe for ``scale`` (``8b``, ``33b`` or a :class:`Scale`) on ``gpus`` GPUs with ``engine``
-    (``fsdp`` or ``deepspeed``); checkpoints are ``models/<name>``, MCD and InfiBench-V under ``data``."""
+    (``fsdp`` or ``deepspeed``); checkpoints are ``models/<name>``, MCD and InfiBench-V under ``data``.
+    ``mcd`` and ``cases`` (default ``data/MultimodalCodingDataset``, ``data/InfiBench-V``) name the
+    data directories; ``judge_url=None`` scores without the LLM judge (its components are then skipped)."""
     if isinstance(scale, str) and scale not in SCALES:
         raise KitError(f"scale {scale!r} is not one of {', '.join(SCALES)}.")
     if engine not in ("fsdp", "deepspeed"):
@@ -178,6 +194,7 @@ def plan(scale: str | Scale = "8b", *, gpus: int = 8, engine: str = "fsdp", mode
     s, a = (SCALES[scale] if isinstance(scale, str) else scale), assumptions
     scale = scale if isinstance(scale, str) else s.name
     merged, sft = f"{runs}/merge/{scale}", f"{runs}/sft/{scale}"
+    mcd, cases = mcd or f"{data}/MultimodalCodingDataset", cases or f"{data}/InfiBench-V"
     responses, scores = f"{runs}/infibench/{scale}.responses.jsonl", f"{runs}/infibench/{scale}.scores.jsonl"
     trio = ("--vlm", f"{models}/{s.vlm}", "--code", f"{models}/{s.code}", "--base", f"{models}/{s.base}", "--lam", str(s.lam))
     kit = ("viscodex-lite",)
@@ -199,19 +216,20 @@ def plan(scale: str | Scale = "8b", *, gpus: int = 8, engine: str = "fsdp", mode
              "check names, shapes, dtypes and free disk from the checkpoints' headers (seconds, no weights read)"),
         Step("merge", kit, ("merge", *trio, "-o", merged), merge,
              f"θ = θ_base + {s.lam}·τ_vlm + {1 - s.lam:.2f}·τ_code on the language model; vision tower copied"),
-        Step("mcd check", kit, ("mcd", "inspect", f"{data}/MultimodalCodingDataset", "--limit", "2000", "--tokenizer", merged),
+        Step("mcd check", kit, ("mcd", "inspect", mcd, "--limit", "2000", "--tokenizer", merged,
+                                "--out", f"{runs}/mcd_inspect.html"),
              Needs(0, 0.0, 8.0, 0.0, 0.05, "derived: reads 2,000 records"),
              "validate the local MCD copy and measure tokens per sample (replaces the time assumption)"),
         Step("sft", launch, ("finetune", "--config", "configs/finetune/full_sft_viscodex8b.yaml",
                              *[x for o in overrides for x in ("--set", o)]), sft_needs(s, gpus, a),
              f"full SFT of the language model on all of MCD, vision frozen, {engine} over {gpus} GPUs, "
              f"{a.micro_batch} x {grad_accum} sequences per GPU and step"),
-        Step("generate", kit, ("generate", "--model", f"{sft}/model", "--cases", f"{data}/InfiBench-V", "--backend", "vllm",
+        Step("generate", kit, ("generate", "--model", f"{sft}/model", "--cases", cases, "--backend", "vllm",
                                "--tensor-parallel-size", str(tp), "--max-new-tokens", str(a.max_new_tokens), "-o", responses),
              gen, "greedy answers to every InfiBench-V question with vLLM"),
-        Step("score", kit, ("score", "--cases", f"{data}/InfiBench-V", "--responses", responses, "-o", scores,
-                            "--report", f"{runs}/infibench/{scale}.html", "--workers", "16", "--judge-url", judge_url,
-                            "--judge-model", "gpt-4o"),
+        Step("score", kit, ("score", "--cases", cases, "--responses", responses, "-o", scores,
+                            "--report", f"{runs}/infibench/{scale}.html", "--workers", "16",
+                            *(("--judge-url", judge_url, "--judge-model", "gpt-4o") if judge_url else ())),
              Needs(0, 0.0, 16.0, 1.0, 0.25, "derived: CPU; sandboxed unit tests on 16 workers plus judge calls for "
                    "the judged cases (needs OPENAI_API_KEY or a local OpenAI-compatible server)"),
              "keywords, blanks, unit tests, similarity and the GPT-4o judge; per-category HTML report"),
