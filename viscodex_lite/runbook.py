@@ -37,20 +37,20 @@ class Scale:
     code: str
     base: str
     lam: float
-    lm_params: float      # language model incl. embeddings and lm_head (from the config: layers, hidden, vocab)
+    lm_params: float      # language model incl. embeddings and lm_head
     vision_params: float  # vision tower + projector, copied and frozen
-    layers: int
-    hidden: int
-    vocab: int = 152064
+    config: dict | str    # for the memory estimate: overrides of Qwen2.5-VL-7B's config, or a config.json path
 
 
-# λ: 0.7 chosen on MMCode for 8B, 0.85 for 33B (paper §1.4). Parameter counts: computed from the
-# published config.json of Qwen2.5-7B / -32B (untied embeddings) and the 8.29B / 33.5B VLM totals.
+# λ: 0.7 chosen on MMCode for 8B, 0.85 for 33B (paper §1.4). Parameter counts are those of the models
+# built from these configs on the meta device (tests/test_runbook.py checks them); the 32B values are
+# those of config.json in Qwen/Qwen2.5-VL-32B-Instruct.
 SCALES = {
     "8b": Scale("VisCodex-8B", "Qwen2.5-VL-7B-Instruct", "OpenCodeReasoning-Nemotron-1.1-7B", "Qwen2.5-7B",
-                0.7, 7.62e9, 0.67e9, layers=28, hidden=3584),
+                0.7, 7.615e9, 0.677e9, config={}),
     "33b": Scale("VisCodex-33B", "Qwen2.5-VL-32B-Instruct", "OpenCodeReasoning-Nemotron-1.1-32B", "Qwen2.5-32B",
-                 0.85, 32.76e9, 0.68e9, layers=64, hidden=5120),
+                 0.85, 32.764e9, 0.684e9, config={"hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64,
+                                                  "num_attention_heads": 40, "num_key_value_heads": 8}),
 }
 
 
@@ -138,35 +138,43 @@ def merge_needs(scale: Scale, a: Assumptions = Assumptions()) -> Needs:
                  "RAM bound of the streaming engine (measured peak: docs/benchmarks.md)")
 
 
-def sft_memory_gb(scale: Scale, gpus: int, micro_batch: int, max_length: int) -> dict[str, float]:
-    """Per-GPU memory of full SFT sharded over ``gpus`` (FSDP / ZeRO-3), by part, in GB.
+def model_config(scale: Scale):
+    """The config :mod:`memory` builds the model from (on the meta device: no weights)."""
+    from .memory import QWEN25_VL_7B
 
-    Model states: 16 bytes per trained parameter (bf16 weights and gradients, fp32 master copy, two
-    fp32 Adam moments), 2 per frozen vision parameter, all sharded. Activations with gradient
-    checkpointing: every layer's input (bf16) plus fp32 logits and their gradient, per token.
+    if isinstance(scale.config, (str, Path)):
+        return scale.config
+    vision = {**QWEN25_VL_7B["vision_config"], "out_hidden_size": scale.config.get("hidden_size", QWEN25_VL_7B["hidden_size"])}
+    return {**QWEN25_VL_7B, **scale.config, "vision_config": vision}
+
+
+def sft_memory_gb(scale: Scale, gpus: int, micro_batch: int, max_length: int) -> dict[str, float]:
+    """Per-GPU memory of full SFT sharded over ``gpus`` (FSDP / ZeRO-3), in GB, from the fine-tuning
+    estimator (``vl.memory.estimate_memory``): ``model states`` (weights, gradients, Adam state: 16
+    bytes per trained parameter, sharded; the frozen vision tower and one gathered layer are not),
+    ``activations`` (per GPU, not sharded) and their sum, ``peak``.
 
     >>> parts = sft_memory_gb(SCALES["8b"], gpus=8, micro_batch=2, max_length=8192)
-    >>> round(parts["model states"], 1), round(parts["logits + grad (fp32)"], 1)
-    (15.4, 19.9)
+    >>> 15 < parts["model states"] < 20 and parts["activations"] > parts["model states"]
+    True
     """
-    tokens = micro_batch * max_length
-    return {
-        "model states": (16 * scale.lm_params + 2 * scale.vision_params) / gpus / GB,
-        "layer inputs (checkpointed)": scale.layers * scale.hidden * 2 * tokens / GB,
-        "logits + grad (fp32)": 2 * 4 * scale.vocab * tokens / GB,
-    }
+    from .memory import estimate_memory
+
+    est = estimate_memory(model_config(scale), method="full", world_size=gpus, batch_size=micro_batch,
+                          seq_len=max_length, optim="adamw_torch", compute_dtype="bfloat16")
+    states = sum(nbytes for name, nbytes, _ in est.rows if not name.startswith("activations")) / GB
+    return {"model states": states, "activations": est.peak / GB - states, "peak": est.peak / GB}
 
 
 def sft_needs(scale: Scale, gpus: int, a: Assumptions = Assumptions()) -> Needs:
     """Full SFT of the language model on MCD; compute = 8 · params · tokens (forward, backward, recompute)."""
-    parts = sft_memory_gb(scale, gpus, a.micro_batch, a.max_length)
+    peak = sft_memory_gb(scale, gpus, a.micro_batch, a.max_length)["peak"]
     tokens = a.mcd_samples * a.tokens_per_sample * a.epochs
     seconds = 8 * scale.lm_params * tokens / (gpus * a.peak_tflops * 1e12 * a.mfu)
     checkpoints = 3 * checkpoint_gb(scale.lm_params + scale.vision_params) * 7  # 3 kept, weights + optimizer
-    return Needs(gpus, sum(parts.values()) * 1.15, 2 * checkpoint_gb(scale.lm_params + scale.vision_params),
-                 checkpoints, seconds / 3600,
+    return Needs(gpus, peak * 1.1, 2 * checkpoint_gb(scale.lm_params + scale.vision_params), checkpoints, seconds / 3600,
                  f"derived: {tokens / 1e9:.2f}B tokens x 8 x {scale.lm_params / 1e9:.1f}B params at "
-                 f"{a.mfu:.0%} of {a.peak_tflops:.0f} TFLOP/s per GPU; memory = states + activations + 15% slack")
+                 f"{a.mfu:.0%} of {a.peak_tflops:.0f} TFLOP/s per GPU; memory = vl.memory estimate + 10%")
 
 
 def generate_needs(scale: Scale, a: Assumptions = Assumptions()) -> tuple[Needs, int]:
@@ -288,19 +296,22 @@ def resolve(step: Step) -> str:
     return "ok"
 
 
-def check_accelerate_config(path: str | Path) -> str:
+def check_accelerate_config(path: str | Path, root: str | Path | None = None) -> str:
     """Parse an accelerate config the way ``accelerate launch`` does; returns its distributed type.
 
-    A DeepSpeed config's JSON file must parse too and ask for ZeRO stage 3.
+    A DeepSpeed config's JSON file must parse too and ask for ZeRO stage 3; a relative path to it is
+    read from ``root`` (default: the repository root, where the runbook's commands run).
     """
     import json
 
     from accelerate.commands.config.config_args import load_config_from_file
 
+    from .config import REPO_ROOT
+
     config = load_config_from_file(str(path))
     kind = str(getattr(config.distributed_type, "value", config.distributed_type))
     if kind == "DEEPSPEED":
-        ds_file = Path((config.deepspeed_config or {}).get("deepspeed_config_file", ""))
+        ds_file = Path(root or REPO_ROOT) / (config.deepspeed_config or {}).get("deepspeed_config_file", "")
         stage = json.loads(ds_file.read_text())["zero_optimization"]["stage"]
         if stage != 3:
             raise KitError(f"{ds_file}: ZeRO stage {stage}; the runbook expects stage 3.")
