@@ -8,7 +8,7 @@ terminal gets a summary table at the end.
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import time
 from pathlib import Path
 
@@ -72,11 +72,51 @@ def _step_task_arithmetic(cfg: config.RunConfig, workdir: Path, state: dict) -> 
     return section
 
 
+def _step_merge(cfg: config.RunConfig, workdir: Path, state: dict) -> Section:
+    """The engine's command line on the tiny trio: preflight, then the paper's λ grid; each output is
+    checked against the formula computed here in memory (LM merged, vision copied bit for bit)."""
+    import contextlib
+    import io
+
+    import torch
+    from safetensors.torch import load_file
+
+    from . import cli, tiny
+    from .task_vectors import viscodex_merge
+
+    trio, weights = state["trio"], tiny.load_trio_weights(state["trio"])
+    inputs = ["--vlm", str(trio.vlm), "--code", str(trio.code), "--base", str(trio.base)]
+    preflight = io.StringIO()
+    with contextlib.redirect_stdout(preflight):
+        preflight_code = cli.main(["preflight", *inputs, "--lam", "0.7", "-o", str(workdir / "merged" / "lam0.7"), "--overwrite"])
+    rows, gaps = [], []
+    for lam in (0.7, 0.8, 0.85, 0.9):  # the paper's grid; 0.7 chosen for 8B
+        out = workdir / "merged" / f"lam{lam}"
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = cli.main(["merge", *inputs, "--lam", str(lam), "-o", str(out), "--overwrite", "-q"])
+        seconds = time.perf_counter() - start
+        merged = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()} if code == 0 else {}
+        lm_gap = max((float((merged[k].float() - viscodex_merge(weights["base"][k], weights["vlm_lm"][k], weights["code"][k], lam)).abs().max())
+                      / max(float(weights["base"][k].abs().max()), 1e-12) for k in weights["base"] if k in merged), default=float("inf"))
+        gaps.append(lm_gap)
+        vision_exact = bool(merged) and all(torch.equal(merged[k].float(), v) for k, v in weights["vision"].items())
+        rows.append({"λ": lam, "exit code": code, "seconds": round(seconds, 2), "tensors": len(merged),
+                     "max |merged − formula| / max|W|": f"{lm_gap:.1e}", "vision copied exactly": vision_exact})
+    state["merged"] = workdir / "merged" / "lam0.7"
+    ok = preflight_code == 0 and all(r["exit code"] == 0 and r["vision copied exactly"] for r in rows) and max(gaps) <= 2**-8
+    section = Section("Preflight and streaming merge (paper's λ grid)", "ok" if ok else "failed")
+    section.text("viscodex-lite preflight and merge on the tiny trio; every output is compared with the formula "
+                 "θ_base + λ·τ_vlm + (1−λ)·τ_code computed in memory (bf16 storage allows one rounding, 2⁻⁸ of the weight).")
+    section.table(rows)
+    return section.code(preflight.getvalue().strip())
+
+
 def _step_generate(cfg: config.RunConfig, workdir: Path, state: dict) -> Section:
     from . import generate
     from .infibench import cases
 
-    model = state["trio"].vlm  # the model under evaluation (the trained mini family's merge once it is wired in)
+    model = state.get("merged") or state["trio"].vlm  # the model under evaluation (the mini family's merge once wired in)
     requests = generate.requests_from_cases(cases.sample_dir())
     start = time.perf_counter()
     responses = generate.generate(model, requests, max_new_tokens=cfg.pick(tiny=8, lab=512), batch_size=8,
@@ -116,11 +156,11 @@ def _step_score(cfg: config.RunConfig, workdir: Path, state: dict) -> Section:
 PIPELINE = [
     ("Setup check", _step_setup, None),
     ("Task arithmetic on a tiny Qwen2 / Qwen2.5-VL trio", _step_task_arithmetic, None),
-    ("Preflight and streaming merge of the mini family", None, "viscodex_lite.merge"),
+    ("Preflight and streaming merge (paper's λ grid)", _step_merge, "viscodex_lite.merge"),
     ("Weight-delta analysis", None, "viscodex_lite.analysis"),
     ("QLoRA fine-tuning on mini-MCD", None, "viscodex_lite.finetune"),
-    ("Generation on the InfiBench-V sample", _step_generate, None),
-    ("InfiBench-V scoring", _step_score, None),
+    ("Generation on the InfiBench-V sample", _step_generate, "viscodex_lite.infibench"),
+    ("InfiBench-V scoring", _step_score, "viscodex_lite.infibench"),
 ]
 
 
@@ -154,12 +194,9 @@ def run(cfg: config.RunConfig | None = None, out_dir: Path | None = None) -> tup
     out_dir.mkdir(parents=True, exist_ok=True)
     sections, state, begin = [], {}, time.perf_counter()
     for title, step, module in PIPELINE:
-        if step is None:
-            try:
-                importlib.import_module(module)
-                line = "built, but not yet wired into the demo"
-            except ModuleNotFoundError:
-                line = f"not built yet ({module})"
+        missing = module is not None and importlib.util.find_spec(module) is None
+        if step is None or missing:
+            line = f"not built yet ({module})" if missing else "built, but not yet wired into the demo"
             sections.append(Section(title, "missing").text(line))
             print(f"[missing] {title}: {line}")
             continue
