@@ -87,6 +87,11 @@ def lab(tmp_path_factory):
                 server.wait()
 
 
+def test_the_test_server_is_make_lab():
+    recipe = (ROOT / "Makefile").read_text().split("\nlab:", 1)[1].split("\n\n", 1)[0]
+    assert "jupyter lab --notebook-dir=notebooks" in recipe and "--allow-root" in recipe
+
+
 def test_lists_every_notebook(lab):
     listing = lab.get("/api/contents")
     assert sorted(item["name"] for item in listing["content"] if item["type"] == "notebook") == NOTEBOOKS
