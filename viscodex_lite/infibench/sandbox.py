@@ -55,7 +55,7 @@ PRELOAD = ("math", "re", "copy", "datetime", "itertools", "collections", "heapq"
 
 
 class SandboxError(KitError):
-    """The sandbox cannot provide an isolation layer that was required."""
+    """The sandbox cannot run: a required isolation layer is missing, or a worker cannot start."""
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,8 @@ def _read_paths() -> list[str]:
     return sorted({p for p in paths if os.path.exists(p)})
 
 
-class _ZygoteGone(Exception):
-    """The worker's zygote died or stopped answering (its log tail is the message)."""
+class _ZygoteGone(SandboxError):
+    """A worker's zygote died or stopped answering (the message ends with its log's tail)."""
 
 
 class _Zygote:
@@ -244,8 +244,13 @@ class Sandbox:
 
     def warm_up(self) -> list[str]:
         """Start every worker's zygote now (in parallel); the modules they preloaded."""
-        with ThreadPoolExecutor(self.workers) as pool:
-            return sorted(set().union(*pool.map(lambda slot: self._zygote(slot).preloaded, range(self.workers))))
+        slots = [self._slots.get() for _ in range(self.workers)]   # no test runs meanwhile
+        try:
+            with ThreadPoolExecutor(self.workers) as pool:
+                return sorted(set().union(*pool.map(lambda slot: self._zygote(slot).preloaded, slots)))
+        finally:
+            for slot in slots:
+                self._slots.put(slot)
 
     def close(self) -> None:
         _stop_zygotes(self._zygotes)
@@ -337,7 +342,9 @@ class Sandbox:
         lines = verdict.decode(errors="replace").splitlines()
         if returncode == 0 and f"{nonce} passed" in lines:
             return TestResult("passed", "passed", text, 0, duration, layers)
-        reason = "failed: exit status 0 without the harness's pass record" if returncode == 0 else f"failed: returncode {returncode}"
+        reason = "failed: exit status 0 without the harness's pass record" if returncode == 0 else \
+            "failed: the worker's zygote died (a new one serves the next test)" if returncode is None else \
+            f"failed: returncode {returncode}"
         if any(l.strip() and l != f"{nonce} passed" for l in lines):
             reason += " (forged result lines ignored)"
         return TestResult("failed", reason, text, returncode, duration, layers)
