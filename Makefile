@@ -29,9 +29,9 @@ test: $(STAMP)
 	VISCODEX_LITE_MODE=tiny TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 \
 	  $(BIN)/python -m pytest --nbmake --nbmake-timeout=120 --doctest-modules --durations=15 -q -rs viscodex_lite tests notebooks
 
-## JupyterLab on notebooks/ with the kit's kernel.
+## JupyterLab on notebooks/ with the kit's kernel (as root too, e.g. in a container).
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
 	rm -rf $(VENV) runs build site _build
