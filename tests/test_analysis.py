@@ -341,16 +341,34 @@ def test_explorers_fall_back_to_static_figures(trio):
     assert "0.70" in fig.layout.title.text
 
 
-def test_cli_writes_an_offline_html_report(trio, tmp_path, capsys):
-    out = tmp_path / "report.html"
+@pytest.fixture(scope="module")
+def cli_report(trio, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "report.html"
     code = cli.main(["analyze", "--base", str(trio["base"]), "--models", f"vlm={trio['vlm']}", f"code={trio['code']}",
                      "-o", str(out), "--density", "0.2", "-q"])
-    assert code == 0, capsys.readouterr().err
-    page = out.read_text()
-    assert page.count("plotly.js v") == 1 and page.count("Plotly.newPlot") >= 8  # plotly.js embedded once
-    assert "cosine(τ_vlm, τ_code)" in page and "only in vlm" in page
-    table = an.load_table(tmp_path / "report.parquet")
+    assert code == 0
+    return out
+
+
+def test_cli_writes_an_offline_html_report_and_the_table(cli_report):
+    page = cli_report.read_text()
+    assert page.count("plotly.js v") == 1 and page.count('class="figure"') == 10  # plotly.js inlined once
+    assert "cosine(τ_vlm, τ_code)" in page and "only in vlm" in page and "model.layers.1.mlp.down_proj.weight" in page
+    table = an.load_table(cli_report.with_suffix(".parquet"))
     assert (table.status == "ok").sum() == len(SHAPES)
-    code = cli.main(["analyze", "--base", str(trio["base"]), "--models", str(trio["vlm"]), "-o", str(out),
+
+
+def test_cli_reports_an_empty_selection_without_a_traceback(trio, tmp_path, capsys):
+    code = cli.main(["analyze", "--base", str(trio["base"]), "--models", str(trio["vlm"]), "-o", str(tmp_path / "r.html"),
                      "--select", "nothing-matches", "-q"])
-    assert code == 2 and "matches none" in capsys.readouterr().err
+    assert code == 2 and "matches none" in capsys.readouterr().err and not (tmp_path / "r.html").exists()
+
+
+def test_the_report_draws_every_figure_in_a_browser(cli_report, chromium):
+    from viscodex_lite import browser
+
+    # No screenshot: browser.check_page leaves the DevTools socket at the settle timeout (0.5 s), too
+    # short for a full-page capture of this long page on a loaded machine.
+    check = browser.check_page(cli_report, chromium=chromium, timeout=120)
+    assert check.errors == []
+    assert len(check.figures) == 10 and all(f["svgs"] > 0 for f in check.figures)

@@ -924,61 +924,61 @@ def _labelled(specs: Sequence[str]) -> dict[str, Path]:
     return models
 
 
-def _top_table(table, labels: Sequence[str], n: int = 15) -> str:
-    """HTML table of the ``n`` tensors the first model changed most (relative to the base)."""
+def _top_rows(table, labels: Sequence[str], n: int = 15) -> list[dict]:
+    """The ``n`` tensors the first model changed most (relative to the base), as table rows."""
     ok = table[table["status"] == "ok"].sort_values(f"rel:{labels[0]}", ascending=False).head(n)
     columns = ["name", "shape"] + [f"rel:{a}" for a in labels] + [c for c in ok.columns if c.startswith("cos:")]
-    return ok[columns].to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+    return ok[columns].to_dict("records")
 
 
 def report_sections(table, base: str | Path, models: Mapping[str, str | Path], *, tensor: str | None = None) -> list:
-    """The sections of the analysis report: where each task vector lives, how two relate, what TIES
-    keeps, and one matrix up close (``tensor``, default: the 2-D language-model tensor the first
-    model changed most; reading it costs one tensor of memory)."""
+    """The :class:`viscodex_lite.report.Section` list of the analysis report: where each task vector
+    lives, how two relate, what TIES keeps, and one matrix up close (``tensor``, default: the
+    attention or MLP matrix the first model changed most; reading it costs one tensor of memory)."""
     from . import viz
+    from .report import Section
 
     labels = list(models)
     ok = table[table["status"] == "ok"]
-    overall = aggregate(table, None)
-    lines = [f"<p>base <code>{base}</code>; models " + ", ".join(f"<b>{a}</b> <code>{p}</code>" for a, p in models.items())
-             + f". {len(ok)} tensors analysed ({ok['numel'].sum() / 1e6:.1f} M entries per model)."
-             + (f" {skipped_summary(table)}." if len(ok) < len(table) else "") + "</p><ul>"]
-    lines += [f"<li>‖τ_{a}‖ / ‖θ_base‖ = {overall[f'rel:{a}'].iloc[0]:.4g}</li>" for a in labels]
-    lines += [f"<li>cosine(τ_{c.split(':')[1].replace('~', ', τ_')}) = {overall[c].iloc[0]:+.4f}; sign conflicts among "
-              f"entries both changed: {overall[c.replace('cos:', 'conflict:')].iloc[0]:.3f} (chance 0.5)</li>"
-              for c in overall.columns if c.startswith("cos:")]
-    sections: list = [("Summary", "".join(lines) + "</ul>")]
-    sections.append(("Where each task vector lives",
-                     viz.per_layer_figure(table, [f"rel:{a}" for a in labels], title="‖τ‖ / ‖θ_base‖ per layer",
-                                          y_title="relative change")))
-    sections += [(f"τ_{a} by layer and module", viz.layer_module_heatmap(table, f"rel:{a}")) for a in labels]
-    sections.append(("Tensors changed most", _top_table(table, labels)))
+    overall = aggregate(table, None).iloc[0]
+    summary = Section("Summary").text(
+        f"base {base}; " + ", ".join(f"{a}: {p}" for a, p in models.items()) + f". {len(ok)} tensors analysed "
+        f"({ok['numel'].sum() / 1e6:.1f} M entries per model)." + (f" {skipped_summary(table)}." if len(ok) < len(table) else ""))
+    summary.bullets([f"‖τ_{a}‖ / ‖θ_base‖ = {overall[f'rel:{a}']:.4g}" for a in labels] + [
+        f"cosine(τ_{a}, τ_{b}) = {overall[f'cos:{a}~{b}']:+.4f}; sign conflicts among entries both changed: "
+        f"{overall[f'conflict:{a}~{b}']:.3f} (chance 0.5)" for a, b in itertools.combinations(labels, 2)])
+    sections = [summary, Section("Where each task vector lives").figure(
+        viz.per_layer_figure(table, [f"rel:{a}" for a in labels], title="‖τ‖ / ‖θ_base‖ per layer", y_title="relative change"))]
+    sections += [Section(f"τ_{a} by layer and module").figure(viz.layer_module_heatmap(table, f"rel:{a}")) for a in labels]
+    sections.append(Section("Tensors changed most").table(_top_rows(table, labels)))
     if len(labels) >= 2:
         a, b = labels[:2]
-        sections.append((f"How τ_{a} and τ_{b} relate", viz.layer_module_heatmap(table, f"cos:{a}~{b}")))
-        sections.append(("Sign conflicts", viz.layer_module_heatmap(table, f"conflict:{a}~{b}")))
+        sections.append(Section(f"How τ_{a} and τ_{b} relate").figure(viz.layer_module_heatmap(table, f"cos:{a}~{b}"))
+                        .figure(viz.layer_module_heatmap(table, f"conflict:{a}~{b}")))
+        ties = Section("What TIES trimming keeps")
         for d in densities_of(table):
-            sections.append((f"TIES at density {d:g}", viz.ties_figure(table, d, a, b)))
-        sections.append(("The VisCodex merge at λ = 0.7", viz.lambda_figure(table, 0.7, a, b)))
-    lm = ok[(ok["part"] == "language_model") & ok["shape"].str.contains("x") & ~ok["group"].isin(["embeddings", "lm_head"])]
-    if tensor is None and len(lm):
-        tensor = lm.sort_values(f"rel:{labels[0]}", ascending=False)["name"].iloc[0]
+            ties.figure(viz.ties_figure(table, d, a, b))
+        sections += [ties, Section("The VisCodex merge at λ = 0.7").figure(viz.lambda_figure(table, 0.7, a, b))]
+    matrices = ok[(ok["part"] == "language_model") & ok["group"].isin(["attention", "mlp"]) & ok["shape"].str.contains("x")]
+    if tensor is None and len(matrices):
+        tensor = matrices.sort_values(f"rel:{labels[0]}", ascending=False)["name"].iloc[0]
     if tensor is not None:
-        samples = sample_deltas(base, models, tensor)
-        sections.append((f"{tensor}: sampled values of τ", viz.histogram_figure(value_histogram(samples), title=tensor)))
-        tau = read_delta(base, models[labels[0]], tensor)
-        sections.append((f"{tensor}: τ_{labels[0]}, pooled", viz.delta_heatmap(tau, title=f"τ_{labels[0]}: {tensor}")))
-        spectra = {a: top_singular_values(read_delta(base, models[a], tensor), k=16) for a in labels}
-        sections.append((f"{tensor}: top singular values", viz.line_figure(
-            list(range(1, 17)), {f"τ_{a}": s.tolist() for a, s in spectra.items()}, title="top singular values of τ",
-            x_title="index", y_title="σ", log_y=True)))
+        close = Section(f"Up close: {tensor}")
+        close.figure(viz.histogram_figure(value_histogram(sample_deltas(base, models, tensor)), title="sampled values of τ"))
+        taus = {a: read_delta(base, models[a], tensor) for a in labels}
+        close.figure(viz.delta_heatmap(taus[labels[0]], title=f"τ_{labels[0]}, pooled"))
+        k = min(16, *taus[labels[0]].reshape(taus[labels[0]].shape[0], -1).shape)
+        close.figure(viz.line_figure(list(range(1, k + 1)), {f"τ_{a}": top_singular_values(t, k=k).tolist()
+                                                             for a, t in taus.items()},
+                                     title="top singular values of τ", x_title="index", y_title="σ", log_y=True))
+        sections.append(close)
     return sections
 
 
 def _analyze_cmd(args) -> int:
     import time
 
-    from . import viz
+    from . import report
 
     models = _labelled(args.models)
     start = time.perf_counter()
@@ -987,8 +987,8 @@ def _analyze_cmd(args) -> int:
     seconds = time.perf_counter() - start
     out = Path(args.output)
     table_path = save_table(table, Path(args.table) if args.table else out.with_suffix(".parquet"))
-    viz.html_report(out, "viscodex-lite weight-delta analysis",
-                    report_sections(table, args.base, models, tensor=args.tensor))
+    report.write(out, "viscodex-lite weight-delta analysis", report_sections(table, args.base, models, tensor=args.tensor),
+                 subtitle=f"streamed in {seconds:.1f} s; per-tensor table: {table_path.name}")
     print(f"analysed in {seconds:.1f} s; table: {table_path}; report: {out}")
     return 0
 

@@ -7,11 +7,7 @@ run is not interactive: under nbmake, in CI, in a docs build (``config.static_wi
 
 from __future__ import annotations
 
-import html
-import os
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -98,10 +94,12 @@ def bar_figure(labels: list[str], series: dict[str, list[float]], *, title: str,
 
 
 def heatmap_figure(z, *, x: Sequence | None = None, y: Sequence | None = None, title: str, x_title: str = "",
-                   y_title: str = "", colorbar_title: str = "", zmid: float | None = None) -> go.Figure:
+                   y_title: str = "", colorbar_title: str = "", zmid: float | None = None,
+                   zrange: tuple[float, float] | None = None) -> go.Figure:
     """A heatmap of a small matrix (≤ 256 × 256, sent as float32; NaN cells stay blank).
 
-    A diverging scale centred on ``zmid`` when given (e.g. 0 for cosines), else Viridis.
+    A diverging scale centred on ``zmid`` when given (e.g. 0 for cosines), else Viridis; ``zrange``
+    fixes the colour scale's ends (a cosine of 0.004 should look like 0, not like 1).
 
     >>> fig = heatmap_figure(np.eye(3), title="t")
     >>> fig.data[0].z.dtype, figure_bytes(fig) < MAX_FIGURE_BYTES
@@ -112,6 +110,8 @@ def heatmap_figure(z, *, x: Sequence | None = None, y: Sequence | None = None, t
         raise ValueError(f"heatmap_figure takes a matrix of at most {MAX_HEATMAP_SIDE}² (got shape {z.shape}); "
                          "pool it first (viscodex_lite.analysis.pool_matrix) or use delta_heatmap.")
     scale = dict(colorscale="RdBu_r", zmid=zmid) if zmid is not None else dict(colorscale="Viridis")
+    if zrange is not None:
+        scale.update(zmin=zrange[0], zmax=zrange[1])
     fig = go.Figure(go.Heatmap(z=z, x=None if x is None else list(x), y=None if y is None else list(y),
                                colorbar=dict(title=colorbar_title), hoverongaps=False, **scale))
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=420, margin=dict(t=50, b=40))
@@ -182,16 +182,17 @@ def _describe(metric: str) -> str:
 def layer_module_heatmap(table, metric: str, *, title: str | None = None) -> go.Figure:
     """Layers × modules heatmap of ``metric`` (e.g. ``"rel:vlm"``, ``"cos:vlm~code"``) from an analysis table.
 
-    Cosines are centred on 0 and conflict rates on 0.5 (their chance level).
+    Cosines are drawn on [−1, 1] centred on 0, conflict rates on [0, 1] centred on 0.5 (chance).
     """
     from .analysis import layer_module_table
 
     grid = layer_module_table(table, metric)
     kind = metric.partition(":")[0]
     zmid = {"cos": 0.0, "conflict": 0.5, "kept_conflict": 0.5}.get(kind)
+    zrange = {"cos": (-1.0, 1.0), "conflict": (0.0, 1.0), "kept_conflict": (0.0, 1.0)}.get(kind)
     return heatmap_figure(grid.to_numpy(), x=list(grid.columns), y=[str(i) for i in grid.index],
                           title=title or _describe(metric), x_title="module", y_title="layer",
-                          colorbar_title=kind, zmid=zmid)
+                          colorbar_title=kind, zmid=zmid, zrange=zrange)
 
 
 def _per_layer(table):
@@ -264,39 +265,3 @@ def lambda_figure(table, lam: float, a: str = "vlm", b: str = "code") -> go.Figu
     for y, text in ((lam, "λ"), (1 - lam, "1 − λ")):
         fig.add_hline(y=y, line_dash="dot", line_color="grey", annotation_text=text)
     return fig
-
-
-# ---------------------------------------------------------------------------------------------
-# A self-contained HTML report
-# ---------------------------------------------------------------------------------------------
-
-
-def html_report(path: str | Path, title: str, sections: Sequence[tuple[str, object]]) -> Path:
-    """Write an HTML page of ``(heading, content)`` sections, where content is a plotly figure or an
-    HTML string; plotly.js is embedded once, so the page works offline. Written atomically.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    parts, plotly_js = [], True
-    for heading, content in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
-        if isinstance(content, go.Figure):
-            parts.append(content.to_html(full_html=False, include_plotlyjs=plotly_js))
-            plotly_js = False
-        else:
-            parts.append(str(content))
-    page = ("<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(title)}</title><style>body{{font-family:system-ui,sans-serif;max-width:1100px;"
-            "margin:2em auto;padding:0 1em}table{border-collapse:collapse;font-size:0.9em}"
-            "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
