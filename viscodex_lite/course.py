@@ -242,9 +242,10 @@ class Submission:
 
 def find_submissions(folder: str | Path, *, skip: Path | None = None) -> list[Submission]:
     """Notebooks under ``folder``: ``folder/<student>/*.ipynb``, or ``folder/<student>_NN_name.ipynb``."""
-    folder = Path(folder)
+    folder = Path(folder).resolve()
     if not folder.is_dir():
         raise CourseError(f"{folder} is not a folder of student notebooks")
+    skip = Path(skip).resolve() if skip else None
     found = []
     for path in sorted(folder.rglob("*.ipynb")):
         rel = path.relative_to(folder)
@@ -302,7 +303,12 @@ def _accessible_to_others(path: Path) -> bool:
 
 
 def _isolation_plan() -> tuple[tuple[str, ...], bool]:
-    """Namespace command prefix (the InfiBench sandbox's probe) and whether to drop root to a grading uid."""
+    """Namespace command prefix (the InfiBench sandbox's probe) and whether to drop root to a grading uid.
+
+    The sandbox itself (Landlock read allow-list, 2 GiB, one Python program) does not fit a notebook:
+    a kernel needs the kit's repository, its assets and Jupyter's runtime files; so grading reuses its
+    namespace probe and runs the kernel over Unix sockets inside it.
+    """
     try:
         from .infibench.sandbox import _unshare_flags
         prefix = _unshare_flags()

@@ -3,9 +3,10 @@
 ``make docs`` (= ``viscodex-lite course docs``) stages a MkDocs source folder and builds it:
 
 - ``index.md`` is ``README.md`` (notebook names become links to their pages);
-- ``notebooks/NN_name.ipynb`` are the kit's notebooks executed on a copy in tiny mode (``gpu`` cells
-  skipped without CUDA), with plotly's ``notebook`` renderer so each page embeds plotly.js
-  itself and its figures work without network; mkdocs-jupyter renders them;
+- ``notebooks/NN_name.ipynb`` are the kit's notebooks (their solution copies, see
+  :mod:`viscodex_lite.course`) executed in tiny mode (``gpu`` cells skipped without CUDA), with
+  plotly's ``notebook`` renderer so each page embeds plotly.js itself and its figures work without
+  network; mkdocs-jupyter renders them;
 - ``notes/*.md`` are the repository's ``docs/*.md`` (benchmarks, sandbox threat model);
 - ``api/<module>.md`` hold one ``::: viscodex_lite.<module>`` each, rendered by mkdocstrings from
   the docstrings (static analysis, nothing imported).
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from . import notebooks
+from . import course, notebooks
 from .config import REPO_ROOT
 from .errors import KitError
 
@@ -83,7 +84,9 @@ def execute_notebooks(sources: list[Path], out_dir: Path, *, runs_dir: Path, job
     def run(path: Path) -> None:
         started = time.monotonic()
         try:
-            executed = notebooks.execute(path, cwd=path.parent, env=env, cell_timeout_s=300, transport="ipc")
+            # the solution copy: the same code without the exercise markers (the repository holds the answers anyway)
+            nb = course.solution_copy(notebooks.read(path), number=course.notebook_number(path), name=path.name)
+            executed = notebooks.execute(nb, cwd=path.parent, env=env, cell_timeout_s=300, transport="ipc")
         except Exception as exc:  # CellExecutionError carries the cell and the traceback
             raise DocsError(f"{path.name} failed while building the docs:\n{exc}") from exc
         offline_outputs(executed)
