@@ -47,9 +47,9 @@ docs: $(DOCS_STAMP)
 docs-test: $(DOCS_STAMP)
 	$(TINY) $(BIN)/python -m pytest -q -rs -m docs tests/test_docs_site.py
 
-## JupyterLab on notebooks/ with the kit's kernel.
+## JupyterLab on notebooks/ with the kit's kernel (as root too, e.g. in a container).
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
 	rm -rf $(VENV) runs build site _build

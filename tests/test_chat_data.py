@@ -1,0 +1,98 @@
+"""Chat examples -> model inputs: assistant-only labels, image tokens, batching, bad input.
+
+Runs the real Qwen2.5-VL processor (image-only variant, no torchvision) of the tiny tokenizer; no model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from viscodex_lite import chat_data as cd
+from viscodex_lite import tiny
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny.build_processor(tiny.build_tokenizer())
+
+
+def test_labels_cover_only_the_assistant_reply(processor):
+    proc = processor
+    example = cd.chart_examples(1, seed=3)[0]
+    enc = cd.encode_example(proc, example, max_length=512)
+    ids, labels = enc["input_ids"], enc["labels"]
+    reply = example["messages"][-1]["content"][0]["text"]
+    assert proc.tokenizer.decode(ids[labels != cd.IGNORE_INDEX]) == reply + "<|im_end|>"
+    image_positions = ids == proc.image_token_id
+    assert image_positions.sum() == 16 and (labels[image_positions] == cd.IGNORE_INDEX).all()
+    assert enc["pixel_values"].shape[0] == int(enc["image_grid_thw"].prod())
+
+
+def test_marker_mask_matches_the_template_mask(processor):
+    """Released Qwen2.5-VL templates have no {% generation %}: the marker fallback must agree."""
+    proc = processor
+    example = cd.chart_examples(1)[0]
+    with_tags = cd.encode_example(proc, example, max_length=512)
+    template = proc.chat_template
+    proc.chat_template = template.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+    try:
+        without_tags = cd.encode_example(proc, example, max_length=512)
+    finally:
+        proc.chat_template = template
+    assert torch.equal(with_tags["labels"], without_tags["labels"])
+
+
+def test_pad_batch_pads_labels_with_ignore_index(processor):
+    proc = processor
+    encs = [cd.encode_example(proc, ex, max_length=512) for ex in cd.chart_examples(2)]
+    encs[1] = {k: (v[:-5] if k in ("input_ids", "attention_mask", "labels") else v) for k, v in encs[1].items()}
+    batch = cd.pad_batch(encs, pad_token_id=proc.tokenizer.pad_token_id)
+    assert batch["labels"][1, -5:].eq(cd.IGNORE_INDEX).all() and batch["attention_mask"][1, -5:].eq(0).all()
+    assert batch["image_grid_thw"].shape == (2, 3)
+
+
+def test_chat_jsonl_round_trip(tmp_path):
+    examples = cd.chart_examples(3)
+    cd.write_chat_jsonl(examples, tmp_path / "train.jsonl")
+    back = cd.read_chat_jsonl(tmp_path / "train.jsonl")
+    assert [b["messages"] for b in back] == [e["messages"] for e in examples]
+    assert all(Path(b["images"][0]).is_file() for b in back)
+
+
+def test_image_count_mismatch_is_named(processor):
+    proc = processor
+    example = cd.chart_examples(1)[0]
+    two_images = {**example, "images": example["images"] * 2}
+    with pytest.raises(cd.ImageTokenError, match="example 7: the messages have 1 image part"):
+        cd.encode_example(proc, two_images, max_length=512, index=7)
+    expanded = {**example, "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<|image_pad|>" * 4}]},
+        example["messages"][1]]}
+    with pytest.raises(cd.ImageTokenError, match="example 2"):
+        cd.encode_example(proc, expanded, max_length=512, index=2)
+
+
+def test_too_long_errors_or_is_skipped(processor):
+    proc = processor
+    examples = cd.chart_examples(3)
+    examples[1]["messages"][1]["content"][0]["text"] *= 20
+    with pytest.raises(cd.SequenceTooLongError, match="example 1 is .* tokens .*max_length=300.*max_image_tokens"):
+        cd.encode_example(proc, examples[1], max_length=300, index=1)
+    dataset = cd.ChatDataset(examples, proc, max_length=300).drop_too_long()
+    assert dataset.skipped == [1] and len(dataset) == 2
+
+
+def test_unknown_data_source_is_named():
+    with pytest.raises(cd.DataError, match="data.source='mcd_v2' is not one of"):
+        cd.load_examples({"source": "mcd_v2"})
+
+
+def test_string_content_without_image_parts_is_refused(processor):
+    example = {"messages": [{"role": "user", "content": "<image>Write code for this chart."},
+                            {"role": "assistant", "content": "plt.plot()"}],
+               "images": [tiny.chart_image()]}
+    with pytest.raises(cd.ImageTokenError, match="0 image part\\(s\\) but 1 image"):
+        cd.encode_example(processor, example, max_length=512)
