@@ -1,8 +1,9 @@
 """The docs site builds from executed notebooks and works without network (``make docs-test``).
 
 Builds the whole site once into a temporary folder (every notebook executed in tiny mode, then
-MkDocs), then checks that every page exists, every plotly figure is embedded with plotly.js, and
-no page loads a script or style from the network.
+MkDocs), then checks that every page exists, every plotly figure is embedded with plotly.js, no
+page loads a script or style from the network, and (headless Chromium, when it can be had) the
+pages open from disk without a JavaScript error and draw their figures.
 """
 
 import re
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from viscodex_lite import docs_site, notebooks
+from viscodex_lite import browser, docs_site, notebooks
 
 pytestmark = pytest.mark.docs
 
@@ -33,7 +34,7 @@ def site(tmp_path_factory):
 
 
 def page(site_dir: Path, path: str) -> str:
-    file = site_dir / path / "index.html" if path else site_dir / "index.html"
+    file = site_dir / f"{path or 'index'}.html"
     assert file.is_file(), f"missing page {file.relative_to(site_dir)}"
     return file.read_text(encoding="utf-8")
 
@@ -44,7 +45,7 @@ def test_every_page_exists(site):
     assert "Two commands" in landing, "the README is the landing page"
     for source in SOURCES:
         assert page(site_dir, f"notebooks/{source.stem}")
-        assert f'href="notebooks/{source.stem}/"' in landing, f"the landing page links {source.name}"
+        assert f'href="notebooks/{source.stem}.html"' in landing, f"the landing page links {source.name}"
     for note in sorted((ROOT / "docs").glob("*.md")):
         assert page(site_dir, f"notes/{note.stem}")
     modules = docs_site.api_modules()
@@ -104,3 +105,13 @@ def test_no_page_loads_anything_from_the_network(site):
     for css in site_dir.rglob("*.css"):
         text = css.read_text(encoding="utf-8", errors="replace")
         assert not re.search(r"@import\s+(url\()?['\"]?(https?:)?//|url\(['\"]?(https?:)?//", text), css.name
+
+
+def test_pages_work_from_disk_in_a_browser(site, chromium):
+    """Headless Chromium opens the landing page, every notebook page and an API page from file://:
+    no JavaScript error, no failed load, and every plotly figure draws."""
+    site_dir, _ = site
+    for path in ["index", *(f"notebooks/{s.stem}" for s in SOURCES), "api/viscodex_lite.check"]:
+        check = browser.check_page(site_dir / f"{path}.html", chromium=chromium, timeout=120)
+        assert check.errors == [], f"{path}: {check.errors[:3]}"
+        assert all(f["svgs"] > 0 and f["drawn"] > 0 for f in check.figures), f"{path}: {check.figures}"

@@ -12,7 +12,7 @@
   the docstrings (static analysis, nothing imported).
 
 Nothing on the pages loads from the network: no web fonts, no MathJax (the notebooks write maths
-in Unicode), no require.js.
+in Unicode), no require.js; the site opens from disk (``site/index.html``) as well as from a server.
 """
 
 from __future__ import annotations
@@ -163,7 +163,8 @@ def mkdocs_config(src: Path, site: Path, nav: list, cache: Path) -> dict:
     return {
         "site_name": "viscodex-lite",
         "site_description": "Rebuild VisCodex from a laptop CPU up to full scale: notebooks, package, course labs.",
-        "docs_dir": str(src), "site_dir": str(site), "use_directory_urls": True, "theme": theme, "nav": nav,
+        # plain file URLs (notebooks/00_setup_check.html) so the site also opens from disk, without a server
+        "docs_dir": str(src), "site_dir": str(site), "use_directory_urls": False, "theme": theme, "nav": nav,
         "markdown_extensions": ["tables", "admonition", "toc", "pymdownx.superfences"],
         "plugins": [
             "search",
