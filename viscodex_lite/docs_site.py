@@ -55,7 +55,7 @@ def kernel_env(runs_dir: Path, threads: int) -> dict[str, str]:
             "VISCODEX_LITE_RUNS": str(runs_dir), "PLOTLY_RENDERER": "notebook", "TQDM_DISABLE": "1",
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": str(threads),
-            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+            "PYTHONPATH": str(REPO_ROOT)}  # the kernels import this checkout of the kit
 
 
 # plotly's notebook renderer adds a MathJax loader from a CDN to every figure; the kit's figures use no LaTeX.
