@@ -114,3 +114,17 @@ def test_item_accuracy():
     assert world.item_accuracy(None, t) == 0.0
     assert world.item_accuracy(Scene("chart", (("red", 3),)), t) == 0.5
     assert world.item_accuracy(Scene("ui", (("header", "red"),)), t) == 0.0
+
+
+def test_shuffled_style_sheet_keeps_structure_but_not_codes():
+    scene = Scene("chart", (("red", 3), ("blue", 5)))
+    palette, tags = world.shuffled_tables(random.Random(3))
+    program = world.to_code(scene, palette, tags)
+    assert program.splitlines()[0] == world.to_code(scene).splitlines()[0]  # same spec comment
+    assert program.splitlines()[-1] == "ylim(6)"  # same derived quantity
+    drawn = world.parse_code(program)
+    assert drawn is not None and [h for _, h in drawn.items] == [3, 5]  # a valid program of the same shape...
+    assert world.parse_code(world.to_code(scene, world.COLOURS, world.ELEMENT_TAGS)) == scene
+    # ...whose colours follow the shuffled table, so it draws another scene unless the shuffle fixed them
+    assert (drawn == scene) == all(palette[c] == world.COLOURS[c] for c, _ in scene.items)
+    assert len({tuple(world.shuffled_tables(random.Random(s))[0].values()) for s in range(5)}) == 5

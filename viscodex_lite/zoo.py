@@ -47,6 +47,7 @@ from .errors import KitError
 from .tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 MODELS = ("base", "code", "vlm")
+TEST_SUBSET_ITEMS = 24  # tests/test_zoo.py re-probes this many held-out scenes against the manifest
 LM_PREFIX_VLM = "model.language_model."  # Qwen2.5-VL's language model names; Qwen2 says "model."
 
 
@@ -88,9 +89,10 @@ class Recipe:
     vision_heads: int = 4
     patch: int = 8
     rms_norm_eps: float = 1e-6  # equal in Qwen2 and Qwen2.5-VL, so the same weights give the same logits
-    base: Stage = Stage(steps=2000, batch=32, lr=2e-3, warmup=100, weight_decay=0.01)
+    pretrain: Stage = Stage(steps=2000, batch=32, lr=2e-3, warmup=100, weight_decay=0.01)  # documents
+    base: Stage = Stage(steps=600, batch=32, lr=1e-3, warmup=30, weight_decay=0.01)  # prompt formats
     code: Stage = Stage(steps=400, batch=32, lr=6e-4, warmup=30)
-    vlm: Stage = Stage(steps=2000, batch=32, lr=3e-4, warmup=50, lr_vision=3e-3)
+    vlm: Stage = Stage(steps=1800, batch=32, lr=2e-4, warmup=50, lr_vision=3e-3)
     vlm_one_item_share: float = 0.3  # curriculum: the first 30% of VLM steps show one-item scenes
     vlm_code_share: float = 0.05  # share of VLM examples that are image -> code ...
     vlm_code_pool: int = 32  # ... drawn from this small fixed pool of scenes
@@ -101,7 +103,8 @@ RECIPES = {
     "full": Recipe(),
     "quick": Recipe(
         name="quick", vocab_size=320, hidden=64, layers=2, intermediate=128, vision_hidden=32,
-        base=Stage(steps=40, batch=16, lr=3e-3, warmup=5), code=Stage(steps=15, batch=16, lr=1e-3, warmup=3),
+        pretrain=Stage(steps=30, batch=16, lr=3e-3, warmup=5), base=Stage(steps=10, batch=16, lr=1e-3, warmup=2),
+        code=Stage(steps=15, batch=16, lr=1e-3, warmup=3),
         vlm=Stage(steps=20, batch=8, lr=1e-3, warmup=3, lr_vision=3e-3), vlm_code_pool=16,
     ),
 }
@@ -128,7 +131,7 @@ def _program_body(scene: world.Scene) -> str:
 
 
 def pretraining_example(rng: random.Random) -> Example:
-    """A random ``base`` example: documents and chat turns in every prompt format, no desc -> code pairs."""
+    """A document-phase ``base`` example: descriptions, programs (no spec comment) and a few chat turns."""
     scene = world.sample_scenes(rng.getrandbits(32), 1)[0]
     desc, body = world.describe(scene), _program_body(scene)
     roll = rng.random()
@@ -149,6 +152,26 @@ def pretraining_example(rng: random.Random) -> Example:
     if scene.kind == "chart":
         return Example(f"Colour of the {ordinal} bar? {desc}", scene.items[k][0])
     return Example(f"Element in the {ordinal} row? {desc}", scene.items[k][0])
+
+
+def format_example(rng: random.Random) -> Example:
+    """An instruction-phase ``base`` example: every prompt format of the family, skill-free.
+
+    The coding prompts are answered with programs written against a *shuffled* style sheet
+    (:func:`world.shuffled_tables`, a new one each time): ``base`` learns the spec comment, slots,
+    heights, ``ylim`` and the syntax, but no colour -> hex or element -> tag pairing, which is the
+    code skill. The describe and image-code prompts come without images: any scene is an answer.
+    """
+    scene = world.sample_scenes(rng.getrandbits(32), 1)[0]
+    palette, tags = world.shuffled_tables(rng)
+    roll = rng.random()
+    if roll < 0.35:
+        return Example(world.TEXT_CODE_PROMPT + world.describe(scene), world.to_code(scene, palette, tags))
+    if roll < 0.45:
+        return Example(world.IMAGE_CODE_PROMPT, world.to_code(scene, palette, tags))
+    if roll < 0.55:
+        return Example(world.DESCRIBE_PROMPT, world.describe(scene))
+    return pretraining_example(rng)
 
 
 def text_code_example(scene: world.Scene) -> Example:
@@ -396,15 +419,25 @@ def train(model, stage: Stage, make_batch: Callable[[int], dict], *, log: Callab
     return losses
 
 
-def train_base(tokenizer, recipe: Recipe, log=print):
-    """``base``: a fresh ``Qwen2ForCausalLM`` pretrained on :func:`pretraining_example` data."""
+def pretrain(tokenizer, recipe: Recipe, log=print):
+    """Document phase: a fresh ``Qwen2ForCausalLM`` trained on :func:`pretraining_example` data."""
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(recipe.seed)
     model = Qwen2ForCausalLM(qwen2_config(tokenizer, recipe))
     enc = Encoder(tokenizer)
     rng = random.Random(recipe.seed + 1)
-    train(model, recipe.base, lambda step: enc.batch([pretraining_example(rng) for _ in range(recipe.base.batch)]),
+    train(model, recipe.pretrain, lambda step: enc.batch([pretraining_example(rng) for _ in range(recipe.pretrain.batch)]),
+          log=log, name="pretrain")
+    return model
+
+
+def train_base(pretrained, tokenizer, recipe: Recipe, log=print):
+    """``base``: the pretrained model after the instruction phase on :func:`format_example` data."""
+    model = _copy_model(pretrained)
+    enc = Encoder(tokenizer)
+    rng = random.Random(recipe.seed + 6)
+    train(model, recipe.base, lambda step: enc.batch([format_example(rng) for _ in range(recipe.base.batch)]),
           log=log, name="base")
     return model
 
@@ -621,32 +654,77 @@ def delta_norms(child: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -
 # ---------------------------------------------------------------------------------------------
 
 
+def stage_keys(recipe: Recipe) -> dict[str, str]:
+    """A content key per trained model: everything in the recipe that decides its weights.
+
+    ``code`` and ``vlm`` include ``base``'s key, so changing the pretraining retrains everything,
+    while changing only the VLM stage reuses the cached ``base`` and ``code``.
+    """
+    fields = dataclasses.asdict(recipe)
+    shared = {k: v for k, v in fields.items()
+              if k not in ("name", "code", "vlm", "base") and not k.startswith("vlm_")}
+
+    def key(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+    pretrained = key(shared)
+    base = key([pretrained, fields["base"]])
+    return {"pretrain": pretrained, "base": base, "code": key([base, fields["code"]]),
+            "vlm": key([base, fields["vlm"], {k: v for k, v in fields.items() if k.startswith("vlm_")}])}
+
+
+def _cached_stage(name: str, key: str, cache: Path | None, train_fn: Callable, load_cls, tokenizer, log,
+                  processor=None):
+    """Train a stage, or load it from ``cache`` when a run with the same key already trained it."""
+    path = cache / f"{name}-{key}" if cache else None
+    if path is not None and (path / "stage.json").is_file():
+        log(f"[{name}] reusing {path}")
+        model = load_cls.from_pretrained(path, dtype=torch.float32).eval()
+        return model, json.loads((path / "stage.json").read_text())["seconds"]
+    t = time.time()
+    model = train_fn()
+    seconds = time.time() - t
+    if path is not None:
+        save_checkpoint(model, tokenizer, path, processor=processor)
+        (path / "stage.json").write_text(json.dumps({"seconds": round(seconds, 1), "key": key}))
+    return model, seconds
+
+
 def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Callable[[str], None] = print,
-                 probe_items: int = 200) -> dict:
+                 probe_items: int = 200, cache: str | Path | None = None) -> dict:
     """Train the family with ``recipe`` and write it to ``out`` (atomically: a temp dir, then rename).
 
     Returns the manifest (also written as ``out/manifest.json``). Probes run on ``probe_items``
     held-out scenes; the λ sweep and ablation tables are added by :mod:`viscodex_lite.sweep`.
+    With ``cache``, each trained model is kept there under its :func:`stage_keys` key and reused by
+    later builds with the same settings; ``build_seconds`` then reports the stage's original time.
     """
+    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
+
     from . import probes
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache) if cache else None
     torch.set_num_threads(recipe.threads)
     timings: dict[str, float] = {}
     t0 = time.time()
     tokenizer = build_tokenizer(recipe)
     processor = build_processor(tokenizer, recipe)
     log(f"tokenizer: {len(tokenizer)} tokens")
-    t = time.time()
-    base = train_base(tokenizer, recipe, log)
-    timings["base"] = time.time() - t
-    t = time.time()
-    code = train_code(base, tokenizer, recipe, log)
-    timings["code"] = time.time() - t
-    t = time.time()
-    vlm = train_vlm(base, tokenizer, processor, recipe, log)
-    timings["vlm"] = time.time() - t
+    keys = stage_keys(recipe)
+    pretrained, timings["pretrain"] = _cached_stage("pretrain", keys["pretrain"], cache,
+                                                    lambda: pretrain(tokenizer, recipe, log),
+                                                    AutoModelForCausalLM, tokenizer, log)
+    base, timings["base"] = _cached_stage("base", keys["base"], cache,
+                                          lambda: train_base(pretrained, tokenizer, recipe, log),
+                                          AutoModelForCausalLM, tokenizer, log)
+    code, timings["code"] = _cached_stage("code", keys["code"], cache,
+                                          lambda: train_code(base, tokenizer, recipe, log),
+                                          AutoModelForCausalLM, tokenizer, log)
+    vlm, timings["vlm"] = _cached_stage("vlm", keys["vlm"], cache,
+                                        lambda: train_vlm(base, tokenizer, processor, recipe, log),
+                                        Qwen2_5_VLForConditionalGeneration, tokenizer, log, processor=processor)
 
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -659,7 +737,9 @@ def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Call
         t = time.time()
         metrics = probes.probe_family(work, n=probe_items)
         timings["probes"] = time.time() - t
-        timings["total"] = time.time() - t0
+        n_subset = min(TEST_SUBSET_ITEMS, probe_items)
+        subset = {"items": n_subset, "probes": probes.probe_family(work, n=n_subset)}
+        timings["total"] = timings["pretrain"] + timings["base"] + timings["code"] + timings["vlm"] + timings["probes"]
         manifest = {
             "family": "viscodex-lite mini family",
             "recipe": dataclasses.asdict(recipe),
@@ -669,6 +749,8 @@ def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Call
             "delta_norms": norms,
             "probe_items": probe_items,
             "probes": metrics,
+            "test_subset": subset,
+            "stage_keys": keys,
             "files": file_hashes(work),
         }
         write_manifest(work, manifest)
@@ -689,7 +771,8 @@ def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Call
 
 def _cmd_build(args) -> int:
     recipe = dataclasses.replace(RECIPES["quick" if args.quick else "full"], seed=args.seed)
-    build_family(args.out or default_dir(), recipe, probe_items=args.probe_items)
+    cache = None if args.no_cache else args.cache
+    build_family(args.out or default_dir(), recipe, probe_items=args.probe_items, cache=cache)
     return 0
 
 
@@ -728,6 +811,9 @@ def register_cli(subparsers) -> None:
     build.add_argument("--quick", action="store_true", help="a minute-long recipe that proves the code path")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--probe-items", type=int, default=200, help="held-out scenes per probe")
+    build.add_argument("--cache", type=Path, default=Path("runs/zoo_cache"),
+                       help="reuse models trained by an earlier build with the same settings (default: runs/zoo_cache)")
+    build.add_argument("--no-cache", action="store_true", help="train every stage from scratch")
     build.set_defaults(func=_cmd_build)
     verify = sub.add_parser("verify", help="check every file against the manifest's hashes")
     verify.add_argument("--dir", type=Path, default=None)
