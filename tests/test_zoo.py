@@ -68,9 +68,21 @@ def test_quick_build_writes_loadable_checkpoints(tmp_path):
     ex = zoo.describe_example(world.sample_scenes(0, 1)[0])
     batch = proc(text=[zoo.prompt_text(proc.tokenizer, ex)], images=[ex.image], return_tensors="pt")
     assert int((batch["input_ids"] == proc.image_token_id).sum()) == 16
-    # tampering is detected
+    # the CLI: list and verify, then tampering is detected
+    assert run_cli(["zoo", "list", "--dir", str(out)]) == 0
+    assert run_cli(["zoo", "verify", "--dir", str(out)]) == 0
     (out / "code" / "config.json").write_text("{}")
     assert zoo.verify_family(out) == ["hash differs: code/config.json"]
+    assert run_cli(["zoo", "verify", "--dir", str(out)]) == 1
+
+
+def run_cli(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    zoo.register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
 
 
 def test_build_is_deterministic_for_a_seed():

@@ -70,6 +70,13 @@ class Stage:
     warmup: int = 20
     weight_decay: float = 0.0
     lr_vision: float | None = None  # VLM only: the vision tower and projector learn at their own rate
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on the decoder's linear layers, then fold them in
+    freeze: tuple[str, ...] = ()  # parameters whose name contains one of these stay fixed
+    one_item_share: float = 0.0  # curriculum: this share of the first steps shows one-item scenes only
+
+
+# Stage options added after the first cache keys were made; left out of a key while at their default.
+_LATE_STAGE_DEFAULTS = {"lora_rank": 0, "freeze": [], "one_item_share": 0.0}
 
 
 @dataclass(frozen=True)
@@ -90,8 +97,8 @@ class Recipe:
     patch: int = 8
     rms_norm_eps: float = 1e-6  # equal in Qwen2 and Qwen2.5-VL, so the same weights give the same logits
     pretrain: Stage = Stage(steps=2000, batch=32, lr=2e-3, warmup=100, weight_decay=0.01)  # documents
-    base: Stage = Stage(steps=600, batch=32, lr=1e-3, warmup=30, weight_decay=0.01)  # prompt formats
-    code: Stage = Stage(steps=400, batch=32, lr=6e-4, warmup=30)
+    base: Stage = Stage(steps=300, batch=32, lr=1e-3, warmup=20, weight_decay=0.01)  # prompt formats
+    code: Stage = Stage(steps=500, batch=32, lr=1e-3, warmup=30, freeze=("embed_tokens", "lm_head"), one_item_share=0.25)
     vlm: Stage = Stage(steps=1800, batch=32, lr=2e-4, warmup=50, lr_vision=3e-3)
     vlm_one_item_share: float = 0.3  # curriculum: the first 30% of VLM steps show one-item scenes
     vlm_code_share: float = 0.05  # share of VLM examples that are image -> code ...
@@ -448,11 +455,26 @@ def train_code(base, tokenizer, recipe: Recipe, log=print):
     enc = Encoder(tokenizer)
     seed = recipe.seed + 2
 
-    def make_batch(step):
-        return enc.batch([text_code_example(s) for s in world.sample_scenes(seed * 100_003 + step, recipe.code.batch)])
+    one_item_steps = int(recipe.code.one_item_share * recipe.code.steps)
 
-    train(model, recipe.code, make_batch, log=log, name="code")
-    return model
+    def make_batch(step):
+        n_items = 1 if step < one_item_steps else None
+        scenes = world.sample_scenes(seed * 100_003 + step, recipe.code.batch, n_items=n_items)
+        return enc.batch([text_code_example(s) for s in scenes])
+
+    _freeze(model, recipe.code.freeze)
+    if not recipe.code.lora_rank:
+        train(model, recipe.code, make_batch, log=log, name="code")
+        return model
+    # LoRA folded back: a low-rank update of each matrix keeps the task vector small (see module docstring)
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = get_peft_model(model, LoraConfig(r=recipe.code.lora_rank, lora_alpha=2 * recipe.code.lora_rank,
+                                            lora_dropout=0.0, target_modules=targets))
+    train(lora, recipe.code, make_batch, log=log, name="code")
+    return lora.merge_and_unload().eval()
 
 
 def vlm_code_pool(recipe: Recipe) -> list[world.Scene]:
@@ -489,6 +511,18 @@ def train_vlm(base, tokenizer, processor, recipe: Recipe, log=print):
     groups = [{"params": language, "lr": recipe.vlm.lr}, {"params": vision, "lr": recipe.vlm.lr_vision or recipe.vlm.lr}]
     train(model, recipe.vlm, make_batch, log=log, name="vlm", param_groups=groups)
     return model
+
+
+def _freeze(model, names: Sequence[str]) -> None:
+    """Fix every parameter whose name contains one of ``names``.
+
+    Why: Adam moves every parameter by about the learning rate each step, even where the gradient
+    is tiny, so an output layer trained to push down hundreds of unused tokens grows a large task
+    vector that teaches nothing. The fine-tunes can use the vocabulary ``base`` already has.
+    """
+    for name, p in model.named_parameters():
+        if any(n in name for n in names):
+            p.requires_grad = False
 
 
 def _copy_model(model):
@@ -661,6 +695,11 @@ def stage_keys(recipe: Recipe) -> dict[str, str]:
     while changing only the VLM stage reuses the cached ``base`` and ``code``.
     """
     fields = dataclasses.asdict(recipe)
+    for value in fields.values():
+        if isinstance(value, dict):
+            for option in _LATE_STAGE_DEFAULTS:
+                if option in value and not value[option]:  # every late default is falsy
+                    del value[option]
     shared = {k: v for k, v in fields.items()
               if k not in ("name", "code", "vlm", "base") and not k.startswith("vlm_")}
 
@@ -680,14 +719,14 @@ def _cached_stage(name: str, key: str, cache: Path | None, train_fn: Callable, l
     if path is not None and (path / "stage.json").is_file():
         log(f"[{name}] reusing {path}")
         model = load_cls.from_pretrained(path, dtype=torch.float32).eval()
-        return model, json.loads((path / "stage.json").read_text())["seconds"]
+        return model, json.loads((path / "stage.json").read_text())
     t = time.time()
     model = train_fn()
-    seconds = time.time() - t
+    info = {"seconds": round(time.time() - t, 1), "key": key, "threads": torch.get_num_threads()}
     if path is not None:
         save_checkpoint(model, tokenizer, path, processor=processor)
-        (path / "stage.json").write_text(json.dumps({"seconds": round(seconds, 1), "key": key}))
-    return model, seconds
+        (path / "stage.json").write_text(json.dumps(info))
+    return model, info
 
 
 def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Callable[[str], None] = print,
@@ -713,16 +752,17 @@ def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Call
     processor = build_processor(tokenizer, recipe)
     log(f"tokenizer: {len(tokenizer)} tokens")
     keys = stage_keys(recipe)
-    pretrained, timings["pretrain"] = _cached_stage("pretrain", keys["pretrain"], cache,
+    stages: dict[str, dict] = {}
+    pretrained, stages["pretrain"] = _cached_stage("pretrain", keys["pretrain"], cache,
                                                     lambda: pretrain(tokenizer, recipe, log),
                                                     AutoModelForCausalLM, tokenizer, log)
-    base, timings["base"] = _cached_stage("base", keys["base"], cache,
+    base, stages["base"] = _cached_stage("base", keys["base"], cache,
                                           lambda: train_base(pretrained, tokenizer, recipe, log),
                                           AutoModelForCausalLM, tokenizer, log)
-    code, timings["code"] = _cached_stage("code", keys["code"], cache,
+    code, stages["code"] = _cached_stage("code", keys["code"], cache,
                                           lambda: train_code(base, tokenizer, recipe, log),
                                           AutoModelForCausalLM, tokenizer, log)
-    vlm, timings["vlm"] = _cached_stage("vlm", keys["vlm"], cache,
+    vlm, stages["vlm"] = _cached_stage("vlm", keys["vlm"], cache,
                                         lambda: train_vlm(base, tokenizer, processor, recipe, log),
                                         Qwen2_5_VLForConditionalGeneration, tokenizer, log, processor=processor)
 
@@ -739,7 +779,8 @@ def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Call
         timings["probes"] = time.time() - t
         n_subset = min(TEST_SUBSET_ITEMS, probe_items)
         subset = {"items": n_subset, "probes": probes.probe_family(work, n=n_subset)}
-        timings["total"] = timings["pretrain"] + timings["base"] + timings["code"] + timings["vlm"] + timings["probes"]
+        timings.update({name: info["seconds"] for name, info in stages.items()})
+        timings["total"] = sum(timings.values())
         manifest = {
             "family": "viscodex-lite mini family",
             "recipe": dataclasses.asdict(recipe),
@@ -750,7 +791,7 @@ def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Call
             "probe_items": probe_items,
             "probes": metrics,
             "test_subset": subset,
-            "stage_keys": keys,
+            "stages": stages,
             "files": file_hashes(work),
         }
         write_manifest(work, manifest)
