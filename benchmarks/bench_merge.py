@@ -13,14 +13,16 @@ the meta device), as a trio:
 Then, alternating, ``--repeats`` times (medians reported), each in its own process:
 
 - ``read``: a raw read of the LM trio's files (hot page cache), the floor for any merge;
-- ``ours``: ``viscodex-lite merge`` on the LM trio (same inputs and formula as mergekit);
+- ``ours``: ``viscodex-lite merge`` (``python -m viscodex_lite.cli merge``) on the LM trio (same
+  inputs and formula as mergekit);
 - ``mergekit``: ``mergekit-yaml`` 0.1.5 (installed by this script into its own venv), same YAML:
   ``task_arithmetic``, ``dtype: float32``, ``out_dtype: bfloat16``;
 - ``ours_vlm``: the real job, the VLM trio (vision tower copied, names normalized);
 - ``read_vlm``: a raw read of the VLM trio's files.
 
-Wall time is the whole process (start-up and imports included); peak RSS is the process's
-high-water mark (anonymous + file-backed). It also checks that our output equals mergekit's.
+Wall time is the whole process (start-up and imports included), CPU time its user + system time
+(the steadier number on a shared machine); peak RSS is the process's high-water mark (anonymous +
+file-backed). It also checks that our output equals mergekit's, element for element.
 
     nice -n 10 python benchmarks/bench_merge.py --sizes 0.5B 1.5B --repeats 3
 """
@@ -66,8 +68,9 @@ WRAPPER = (
     "t = time.perf_counter()\n"
     "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
     "wall = time.perf_counter() - t\n"
-    "print(json.dumps({'rc': r.returncode, 'wall': wall,\n"
-    "                  'maxrss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print(json.dumps({'rc': r.returncode, 'wall': wall, 'cpu': u.ru_utime + u.ru_stime,\n"
+    "                  'maxrss': u.ru_maxrss * 1024,\n"
     "                  'stderr': r.stderr.decode(errors='replace')[-3000:]}))\n"
 )
 RAW_READ = (
@@ -76,12 +79,6 @@ RAW_READ = (
     "for p in sys.argv[1:]:\n"
     "    with open(p, 'rb', buffering=0) as f:\n"
     "        while f.readinto(view): pass\n"
-)
-OURS = (
-    "import argparse, sys\n"
-    "from viscodex_lite import merge\n"
-    "p = argparse.ArgumentParser(); merge.register_cli(p.add_subparsers())\n"
-    "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n"
 )
 
 
@@ -255,10 +252,11 @@ def main() -> None:
             vlm_files = [f for m in ("base", "code", "vlm") for f in weight_files(d / m)]
             lm_bytes = sum(os.path.getsize(f) for f in lm_files)
             vlm_bytes = sum(os.path.getsize(f) for f in vlm_files)
+            ours = [sys.executable, "-m", "viscodex_lite.cli", "merge"]
             runs = {
                 "read": [sys.executable, "-c", RAW_READ, *lm_files],
-                "ours": [sys.executable, "-c", OURS, "merge", str(d / "lm.yaml"), "-o", str(d / "out_ours"), "--overwrite", "-q"],
-                "ours_vlm": [sys.executable, "-c", OURS, "merge", str(d / "vlm.yaml"), "-o", str(d / "out_ours_vlm"), "--overwrite", "-q"],
+                "ours": [*ours, str(d / "lm.yaml"), "-o", str(d / "out_ours"), "--overwrite", "-q"],
+                "ours_vlm": [*ours, str(d / "vlm.yaml"), "-o", str(d / "out_ours_vlm"), "--overwrite", "-q"],
                 "read_vlm": [sys.executable, "-c", RAW_READ, *vlm_files],
             }
             if mergekit:
@@ -274,14 +272,15 @@ def main() -> None:
                         shutil.rmtree(d / "out_mergekit", ignore_errors=True)
                     r = measure(runs[name], env)
                     results[name].append(r)
-                    print(f"[{size}] rep {rep} {name:<9} {r['wall']:6.2f} s  peak RSS {r['maxrss'] / 2**30:5.2f} GiB  "
-                          f"load {r['load']:.2f}", flush=True)
+                    print(f"[{size}] rep {rep} {name:<9} {r['wall']:6.2f} s wall {r['cpu']:6.2f} s CPU  "
+                          f"peak RSS {r['maxrss'] / 2**30:5.2f} GiB  load {r['load']:.2f}", flush=True)
             check = compare_outputs(d / "out_ours", d / "out_mergekit") if mergekit else "mergekit skipped"
             print(f"[{size}] ours vs mergekit: {check}", flush=True)
             med = {k: statistics.median(r["wall"] for r in v) for k, v in results.items()}
-            rss = {k: statistics.median(r["maxrss"] for r in v) for k, v in results.items()}
+            cpu = {k: statistics.median(r["cpu"] for r in v) for k, v in results.items()}
+            rss = {k: max(r["maxrss"] for r in v) for k, v in results.items()}
             load = statistics.mean(r["load"] for v in results.values() for r in v)
-            rows.append((size, lm_bytes, vlm_bytes, med, rss, load, check))
+            rows.append((size, lm_bytes, vlm_bytes, med, cpu, rss, load, check))
             for out in ("out_ours", "out_ours_vlm", "out_mergekit"):
                 shutil.rmtree(d / out, ignore_errors=True)
             if not args.keep:
@@ -289,17 +288,23 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
-    print()
-    print("| size | inputs (LM trio / VLM trio) | raw read | ours | mergekit | ours / mergekit | ours / raw read | "
-          "ours, VLM trio | raw read, VLM trio | peak RSS ours | peak RSS ours, VLM | peak RSS mergekit | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for size, lm_bytes, vlm_bytes, med, rss, load, _ in rows:
+    print(f"\nmedians of {args.repeats} runs, alternating; peak RSS = the largest of the runs")
+    print("| size | inputs (LM / VLM trio) | raw read | ours | mergekit | ours / mergekit | ours / raw read | "
+          "ours, VLM trio | raw read, VLM trio | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size, lm_bytes, vlm_bytes, med, cpu, rss, load, _ in rows:
         mk = med.get("mergekit")
-        gib = {k: f"{v / 2**30:.2f} GiB" for k, v in rss.items()}
         print(f"| {size} | {lm_bytes / 1e9:.2f} / {vlm_bytes / 1e9:.2f} GB | {med['read']:.2f} s | {med['ours']:.2f} s | "
-              + (f"{mk:.2f} s | {med['ours'] / mk:.3f} | " if mk else "- | - | ")
-              + f"{med['ours'] / med['read']:.1f} | {med['ours_vlm']:.2f} s | {med['read_vlm']:.2f} s | "
-              f"{gib['ours']} | {gib['ours_vlm']} | {gib.get('mergekit', '-')} | {load:.2f} |")
+              + (f"{mk:.2f} s | **{med['ours'] / mk:.3f}** | " if mk else "- | - | ")
+              + f"{med['ours'] / med['read']:.1f} | {med['ours_vlm']:.2f} s | {med['read_vlm']:.2f} s | {load:.1f} |")
+    print("\n| size | CPU ours | CPU mergekit | CPU ratio | CPU ours, VLM trio | peak RSS ours | peak RSS ours, VLM trio | "
+          "peak RSS mergekit |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size, lm_bytes, vlm_bytes, med, cpu, rss, load, _ in rows:
+        mk = cpu.get("mergekit")
+        gib = {k: f"{v / 2**30:.2f} GiB" for k, v in rss.items()}
+        print(f"| {size} | {cpu['ours']:.2f} s | " + (f"{mk:.2f} s | {cpu['ours'] / mk:.3f} | " if mk else "- | - | ")
+              + f"{cpu['ours_vlm']:.2f} s | {gib['ours']} | {gib['ours_vlm']} | {gib.get('mergekit', '-')} |")
     for size, *_, check in rows:
         print(f"{size}: ours vs mergekit output: {check}")
 

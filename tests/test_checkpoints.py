@@ -315,9 +315,10 @@ def test_preflight_reports_vocab_shape_and_layer_mismatches_at_once(trio, tmp_pa
     pre.close()
     text = "\n".join(pre.problems)
     assert "config vocab_size differs (vlm=263, code=526, base=263)" in text and "resize" in text
-    assert "code (model.safetensors): tensor model.embed_tokens.weight has 526 vocabulary rows, the donor vlm has 263" in text
-    assert "code (model.safetensors): tensor lm_head.weight has 526 vocabulary rows" in text
-    assert "base (model.safetensors): tensor model.layers.0.mlp.up_proj.weight has shape [127, 64]" in text
+    assert f"code ({code / 'model.safetensors'}): tensor model.embed_tokens.weight has 526 vocabulary rows, the donor " \
+           "vlm has 263" in text
+    assert f"code ({code / 'model.safetensors'}): tensor lm_head.weight has 526 vocabulary rows" in text
+    assert f"base ({base / 'model.safetensors'}): tensor model.layers.0.mlp.up_proj.weight has shape [127, 64]" in text
     assert "base" in text and "1 language-model tensor(s) of the donor are missing, e.g. model.layers.1.mlp.down_proj.weight" in text
     with pytest.raises(ck.PreflightError, match="5 problem"):
         pre.raise_if_problems()

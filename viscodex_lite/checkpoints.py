@@ -955,8 +955,9 @@ def _check_configs(pre: Preflight) -> None:
 
 
 def _plan_outputs(pre: Preflight, out_dtype: str | None) -> None:
+    """The output's tensors (the donor's, merged or copied) and the fate of every input tensor."""
     donor = pre.checkpoints[pre.donor]
-    used: dict[str, dict[str, list[str]]] = {label: {} for label in pre.checkpoints}  # label -> stored name -> outputs
+    uses: dict[tuple[str, str], list[tuple[str, str, str]]] = {}  # (label, stored name) -> [(output, fate, reason)]
     missing: dict[str, list[str]] = {}
     for name, info in donor.tensors.items():
         in_scope = pre.scope == "all" or part_of(name) == "language_model"
@@ -964,7 +965,7 @@ def _plan_outputs(pre: Preflight, out_dtype: str | None) -> None:
             reason = (f"{part_of(name).replace('_', ' ')}: merge scope is {pre.scope}" if not in_scope
                       else f"{info.dtype} is not a floating-point weight")
             pre.outputs.append(OutputTensor(name, "copy", {pre.donor: info}, info.dtype, info.shape))
-            used[pre.donor].setdefault(info.name, []).append(f"{name}|copied|{reason}")
+            uses.setdefault((pre.donor, info.name), []).append((name, "copied", reason))
             continue
         sources = {}
         for label in pre.merge_inputs:
@@ -974,27 +975,25 @@ def _plan_outputs(pre: Preflight, out_dtype: str | None) -> None:
                 missing.setdefault(label, []).append(name)
                 continue
             src_info = ckpt.tensors[src]
+            where = f"{label} ({src_info.file}): tensor {src_info.name}"
             if src_info.shape != info.shape:
                 if name in ("model.embed_tokens.weight", "lm_head.weight") and src_info.shape[1:] == info.shape[1:]:
                     pre.problems.append(
-                        f"{label} ({src_info.file.name}): tensor {src_info.name} has {src_info.rows} vocabulary rows, "
-                        f"the donor {pre.donor} has {info.rows}. Resize the embeddings to one vocabulary first "
-                        "(model.resize_token_embeddings and save); this kit does no tokenizer surgery and never cuts rows."
+                        f"{where} has {src_info.rows} vocabulary rows, the donor {pre.donor} has {info.rows}. Resize the "
+                        "embeddings to one vocabulary first (model.resize_token_embeddings and save); this kit does no "
+                        "tokenizer surgery and never cuts rows."
                     )
                 else:
-                    pre.problems.append(
-                        f"{label} ({src_info.file.name}): tensor {src_info.name} has shape {list(src_info.shape)}, "
-                        f"the donor {pre.donor} has {list(info.shape)}. Merge only models of one architecture."
-                    )
+                    pre.problems.append(f"{where} has shape {list(src_info.shape)}, the donor {pre.donor} has "
+                                        f"{list(info.shape)}. Merge only models of one architecture.")
                 continue
             if not src_info.is_float:
-                pre.problems.append(f"{label} ({src_info.file.name}): tensor {src_info.name} is {src_info.dtype}, not floating point.")
+                pre.problems.append(f"{where} is {src_info.dtype}, not floating point.")
                 continue
             sources[label] = src_info
-            why = "tied lm_head: the input embedding" if src != name else "merge input"
-            used[label].setdefault(src_info.name, []).append(f"{name}|merged|{why}")
-        dtype = out_dtype or info.dtype
-        pre.outputs.append(OutputTensor(name, "merge", sources, dtype, info.shape))
+            why = "merge input" if src == name else "merge input (tied lm_head: the input embedding)"
+            uses.setdefault((label, src_info.name), []).append((name, "merged", why))
+        pre.outputs.append(OutputTensor(name, "merge", sources, out_dtype or info.dtype, info.shape))
     for label, names in missing.items():
         ckpt = pre.checkpoints[label]
         pre.problems.append(
@@ -1005,11 +1004,10 @@ def _plan_outputs(pre: Preflight, out_dtype: str | None) -> None:
     # Coverage: every tensor of every input gets exactly one row.
     for label, ckpt in pre.checkpoints.items():
         for name, info in ckpt.tensors.items():
-            uses = used[label].get(info.name)
-            if uses:
-                outputs = [u.split("|")[0] for u in uses]
-                _, fate, reason = uses[0].split("|")
-                pre.coverage.append(Coverage(label, info.name, fate, ", ".join(outputs), reason))
+            used = uses.get((label, info.name))
+            if used:
+                fate, reason = used[0][1], used[0][2]
+                pre.coverage.append(Coverage(label, info.name, fate, ", ".join(u[0] for u in used), reason))
                 continue
             if label == pre.donor:
                 reason = "replaced by the merge (the donor is not a merge input)"
