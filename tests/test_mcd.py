@@ -416,7 +416,7 @@ def test_stats_count_tokens_and_image_sizes(tmp_path, cache):
 
 def test_cli_inspect_writes_a_self_contained_page(tmp_path, cache, capsys):
     root = write_release(tmp_path / "mcd", good_records() + [BAD["missing_image"]])
-    out = tmp_path / "page.html"
+    out = tmp_path / "not" / "yet" / "page.html"   # folders made as needed
     assert cli_main(["mcd", "inspect", str(root), "--out", str(out), "--examples", "3"]) == 0
     page = out.read_text()
     assert page.count("data:image/png;base64,") >= 2 and "missing_image 1" in page

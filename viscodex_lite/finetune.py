@@ -62,7 +62,7 @@ class FinetuneConfig:
 
     model: str                       # local VLM directory (merged mini model, Qwen2.5-VL, merged VisCodex)
     output_dir: str                  # adapter, checkpoints, run card go here
-    data: dict                       # {"source": "tiny_charts", "n": 16} | {"source": "chat_jsonl", "path": ..., "limit": N}
+    data: dict                       # {"source": "mcd", "path": DIR, "n": N} | {"source": "tiny_charts", "n": 16} | chat_jsonl
     method: str = "qlora"            # qlora (NF4 + LoRA) | lora (bf16 + LoRA) | full (all LM weights; multi-GPU)
     # quantization
     double_quant: bool = True        # NF4 absmax quantized too: 0.516 instead of 0.5625 bytes per weight
