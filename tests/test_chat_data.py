@@ -32,6 +32,17 @@ def test_labels_cover_only_the_assistant_reply(processor):
     assert enc["pixel_values"].shape[0] == int(enc["image_grid_thw"].prod())
 
 
+def test_label_view_highlights_exactly_the_labelled_tokens(processor):
+    import html
+    import re
+
+    example = cd.chart_examples(1, seed=5)[0]
+    view = cd.label_view(processor, cd.encode_example(processor, example, max_length=512))
+    highlighted = "".join(html.unescape(t) for t in re.findall(r'<span class="loss"[^>]*>(.*?)</span>', view, re.S))
+    assert highlighted == example["messages"][-1]["content"][0]["text"] + "<|im_end|>"
+    assert view.count('class="image"') == 1 and "× 16" in view
+
+
 def test_marker_mask_matches_the_template_mask(processor):
     """Released Qwen2.5-VL templates have no {% generation %}: the marker fallback must agree."""
     proc = processor

@@ -329,6 +329,42 @@ def encode_example(processor, example, *, max_length: int, index: int = 0) -> di
     return out
 
 
+def label_view(processor, encoded: dict[str, torch.Tensor]):
+    """An HTML view of an encoded example: the text as the model reads it, the tokens the loss is on
+    highlighted in green, each run of image tokens shown once with its length.
+
+    >>> from viscodex_lite import tiny
+    >>> proc = tiny.build_processor(tiny.build_tokenizer())
+    >>> view = label_view(proc, encode_example(proc, chart_examples(1)[0], max_length=512))
+    >>> "&lt;|image_pad|&gt; × 16" in view, view.count('class="loss"')
+    (True, 1)
+    """
+    import html
+
+    from .mcd import HTMLView
+
+    ids, labels = encoded["input_ids"].tolist(), encoded["labels"].tolist()
+    image_id = processor.image_token_id
+    runs: list[tuple[str, list[int]]] = []  # (kind, token ids), consecutive tokens of one kind
+    for token, label in zip(ids, labels):
+        kind = "image" if token == image_id else ("loss" if label != IGNORE_INDEX else "prompt")
+        if runs and runs[-1][0] == kind:
+            runs[-1][1].append(token)
+        else:
+            runs.append((kind, [token]))
+    style = {"image": "background:#e5e7eb;color:#555", "loss": "background:#bbf7d0", "prompt": ""}
+    spans = []
+    for kind, tokens in runs:
+        text = (f"{processor.image_token} × {len(tokens)}" if kind == "image"
+                else processor.tokenizer.decode(tokens, skip_special_tokens=False))
+        spans.append(f'<span class="{kind}" style="{style[kind]}">{html.escape(text)}</span>')
+    n_loss = sum(len(t) for k, t in runs if k == "loss")
+    n_image = sum(len(t) for k, t in runs if k == "image")
+    legend = (f"<div>{len(ids)} tokens: {n_image} image tokens (grey, collapsed), "
+              f"<span style='background:#bbf7d0'>{n_loss} with a label</span> (the loss), the rest label -100</div>")
+    return HTMLView(legend + '<pre style="white-space:pre-wrap;font-size:12px">' + "".join(spans) + "</pre>")
+
+
 class ChatDataset(torch.utils.data.Dataset):
     """Chat examples encoded on access (images are processed per step, not all up front)."""
 

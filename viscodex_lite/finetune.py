@@ -39,7 +39,7 @@ import torch
 
 from .chat_data import (  # noqa: F401  (re-exported: one import for notebooks)
     IGNORE_INDEX, ChatDataset, DataError, ImageTokenError, SequenceTooLongError, assistant_loss, chart_examples,
-    encode_example, load_examples, pad_batch, read_chat_jsonl, write_chat_jsonl,
+    encode_example, label_view, load_examples, pad_batch, read_chat_jsonl, write_chat_jsonl,
 )
 from .config import seed_everything
 from .errors import KitError
@@ -667,5 +667,6 @@ __all__ = [
     "merge_full", "register_cli",
     # from chat_data
     "IGNORE_INDEX", "ChatDataset", "DataError", "ImageTokenError", "SequenceTooLongError", "assistant_loss",
-    "chart_examples", "encode_example", "load_examples", "pad_batch", "read_chat_jsonl", "write_chat_jsonl",
+    "chart_examples", "encode_example", "label_view", "load_examples", "pad_batch", "read_chat_jsonl",
+    "write_chat_jsonl",
 ]
