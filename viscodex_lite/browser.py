@@ -68,6 +68,7 @@ class _DevTools:
         import websocket  # websocket-client
 
         self.ws = websocket.create_connection(ws_url, timeout=timeout, suppress_origin=True)
+        self.timeout = timeout
         self.next_id, self.events = 0, []
 
     def call(self, method: str, **params) -> dict:
@@ -85,6 +86,7 @@ class _DevTools:
     def wait_for(self, method: str, deadline: float) -> bool:
         while not any(e["method"] == method for e in self.events):
             if time.monotonic() > deadline:
+                self.ws.settimeout(self.timeout)
                 return False
             self.ws.settimeout(max(0.05, deadline - time.monotonic()))
             try:
@@ -93,6 +95,7 @@ class _DevTools:
                 continue
             if "method" in message:
                 self.events.append(message)
+        self.ws.settimeout(self.timeout)  # later calls (the screenshot) get the full timeout again
         return True
 
 
