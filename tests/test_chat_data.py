@@ -12,6 +12,7 @@ import torch
 
 from viscodex_lite import chat_data as cd
 from viscodex_lite import tiny
+from viscodex_lite.errors import KitError
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,17 @@ def test_labels_cover_only_the_assistant_reply(processor):
     image_positions = ids == proc.image_token_id
     assert image_positions.sum() == 16 and (labels[image_positions] == cd.IGNORE_INDEX).all()
     assert enc["pixel_values"].shape[0] == int(enc["image_grid_thw"].prod())
+
+
+def test_label_view_highlights_exactly_the_labelled_tokens(processor):
+    import html
+    import re
+
+    example = cd.chart_examples(1, seed=5)[0]
+    view = cd.label_view(processor, cd.encode_example(processor, example, max_length=512))
+    highlighted = "".join(html.unescape(t) for t in re.findall(r'<span class="loss"[^>]*>(.*?)</span>', view, re.S))
+    assert highlighted == example["messages"][-1]["content"][0]["text"] + "<|im_end|>"
+    assert view.count('class="image"') == 1 and "× 16" in view
 
 
 def test_marker_mask_matches_the_template_mask(processor):
@@ -96,3 +108,62 @@ def test_string_content_without_image_parts_is_refused(processor):
                "images": [tiny.chart_image()]}
     with pytest.raises(cd.ImageTokenError, match="0 image part\\(s\\) but 1 image"):
         cd.encode_example(processor, example, max_length=512)
+
+
+# --- data.source: mcd -------------------------------------------------------------------------------
+
+@pytest.fixture
+def mini_release(tmp_path, monkeypatch):
+    """A mini-MCD in the release's layout: in-world charts and pages, generic algorithm problems."""
+    import datasets
+
+    from viscodex_lite import mini_mcd
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    mix = {"chart": 2, "html": 1, "algorithm": 1}
+    return mini_mcd.build(tmp_path / "mini", n=16, mix=mix, generators=mini_mcd.WORLD_GENERATORS).path.parent
+
+
+def test_mcd_source_reads_a_directory_as_chat_examples(processor, mini_release):
+    from viscodex_lite import mcd
+
+    examples = cd.load_examples({"source": "mcd", "path": str(mini_release)})
+    assert len(examples) == 16 and {ex["category"] for ex in examples} == {"chart", "html", "algorithm"}
+    records = mcd.load(mini_release)
+    for i in (0, 5):   # example i is record i through mcd.to_chat
+        assert examples[i]["messages"] == mcd.to_chat(records[i])["messages"]
+    chart = next(ex for ex in examples if ex["category"] == "chart")
+    assert [p["type"] for p in chart["messages"][0]["content"]] == ["image", "text"]
+    enc = cd.encode_example(processor, chart, max_length=1024)
+    reply = chart["messages"][-1]["content"][0]["text"]
+    assert processor.tokenizer.decode(enc["input_ids"][enc["labels"] != cd.IGNORE_INDEX]) == reply + "<|im_end|>"
+    text_only = next(ex for ex in examples if ex["category"] == "algorithm")
+    assert text_only["images"] == [] and "pixel_values" not in cd.encode_example(processor, text_only, max_length=4096)
+
+
+def test_mcd_source_subset_and_max_pixels(mini_release):
+    spec = {"source": "mcd", "path": str(mini_release), "n": 6, "mix": "chart=1,html=1", "seed": 3}
+    first, again = cd.load_examples(spec), cd.load_examples(spec)
+    assert [ex["record_index"] for ex in first] == [ex["record_index"] for ex in again]   # same seed, same draw
+    assert sorted(ex["category"] for ex in first) == ["chart"] * 3 + ["html"] * 3
+    other = cd.load_examples({**spec, "seed": 4})
+    assert [ex["record_index"] for ex in other] != [ex["record_index"] for ex in first]
+    capped = cd.load_examples({**spec, "max_pixels": 28 * 28 * 4})
+    assert {ex["images"][0].size for ex in capped} == {(56, 56)}    # resized to Qwen's 28-px grid, aspect kept
+    assert first[0]["images"][0].size == (64, 64)                    # default: as stored
+
+
+def test_mcd_source_bad_spec_and_bad_records_are_named(mini_release, tmp_path):
+    with pytest.raises(cd.DataError, match="needs data.path"):
+        cd.load_examples({"source": "mcd"})
+    with pytest.raises(cd.DataError, match=r"unknown key\(s\) \['limt'\]"):
+        cd.load_examples({"source": "mcd", "path": str(mini_release), "limt": 3})
+    with pytest.raises(KitError, match="no MCD copy at"):
+        cd.load_examples({"source": "mcd", "path": str(tmp_path / "nowhere")})
+    with pytest.raises(KitError, match="needs 5 'qa' records but the source has 0"):
+        cd.load_examples({"source": "mcd", "path": str(mini_release), "n": 5, "mix": "qa=1"})
+    (mini_release / "mcd_images.zip").unlink()   # every image record now points at nothing
+    with pytest.raises(KitError, match=r"record \d+: image .* \[missing_image\]"):
+        cd.load_examples({"source": "mcd", "path": str(mini_release)})
+    kept = cd.load_examples({"source": "mcd", "path": str(mini_release), "skip_bad": True})
+    assert {ex["category"] for ex in kept} == {"algorithm"}

@@ -203,6 +203,35 @@ def test_notebook_00_checks_count_from_the_processor_and_the_model(trio):
     assert not check.verdict("00.2", len(vlm.state_dict()), vlm=vlm).passed
 
 
+def test_notebook_04_checks_accept_the_solution_and_reject_near_misses(trio):
+    from viscodex_lite import memory as mem
+    from viscodex_lite.layout import layout_of, meta_model
+
+    trio, _ = trio
+    meta = meta_model(trio.vlm)
+    layout = layout_of(meta)
+    attention = layout.lm_target_regex(("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert check.verdict("04.1", attention, meta=meta, layout=layout).passed
+    assert "MLP" in check.verdict("04.1", layout.lm_target_regex(), meta=meta, layout=layout).message
+    assert not check.verdict("04.1", "q_proj", meta=meta, layout=layout).passed
+    seven = mem.QWEN25_VL_7B
+    plain, up = mem.estimate_memory(seven), mem.estimate_memory(seven, upcast_non_quantized=True)
+    extra = (up.weights - plain.weights) / 2**30
+    vision = "weights: vision tower + projector (frozen)"
+    assert check.verdict("04.2", (extra, vision), config=seven).passed
+    assert not check.verdict("04.2", (extra, "weights: lm_head"), config=seven).passed
+    assert "all the weights" in check.verdict("04.2", (up.weights / 2**30, vision), config=seven).message
+    seq = 2048
+    while mem.estimate_memory(seven, seq_len=seq).peak <= 22 * 2**30:
+        seq *= 2
+    assert check.verdict("04.3", seq, config=seven, budget_gib=22).passed
+    assert "still fits" in check.verdict("04.3", seq // 2, config=seven, budget_gib=22).message
+    ctx = dict(width=1920, height=1080, cap=512 * 28 * 28)
+    assert check.verdict("04.4", (1222, 480), **ctx).passed
+    assert "resizes first" in check.verdict("04.4", (68 * 38, 480), **ctx).message
+    assert not check.verdict("04.4", (1222, 512), **ctx).passed
+
+
 # ---------------------------------------------------------------------------------------------- grading
 
 SETUP = '''import viscodex_lite as vl

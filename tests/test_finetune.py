@@ -286,18 +286,24 @@ def test_config_file_errors_name_the_key(tmp_path):
 # --- command line, accelerate ---------------------------------------------------------------------------
 
 def _write_cli_config(vlm_dir, tmp_path) -> Path:
-    ft.write_chat_jsonl(ft.chart_examples(4), tmp_path / "data" / "train.jsonl")
+    """A config that reads an MCD directory (here a mini-MCD of in-world charts and pages), as the lab one does."""
+    from viscodex_lite import mini_mcd
+
+    mini_mcd.build(tmp_path / "mcd", n=8, mix={"chart": 1, "html": 1}, generators=mini_mcd.WORLD_GENERATORS)
     path = tmp_path / "cfg.yaml"
     path.write_text(
         f"model: {vlm_dir}\noutput_dir: {tmp_path / 'out'}\n"
-        f"data: {{source: chat_jsonl, path: {tmp_path / 'data' / 'train.jsonl'}}}\n"
+        f"data: {{source: mcd, path: {tmp_path / 'mcd'}, n: 4, mix: chart=1}}\n"
         "compute_dtype: float32\nmax_length: 512\nmax_steps: 2\nbatch_size: 2\ngrad_accum: 1\nsave_steps: 2\n")
     return path
 
 
-def test_cli_estimate_only_and_train(vlm_dir, tmp_path, capsys):
+def test_cli_estimate_only_and_train(vlm_dir, tmp_path, capsys, monkeypatch):
+    import datasets
+
     from viscodex_lite.cli import main
 
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
     cfg = _write_cli_config(vlm_dir, tmp_path)
     assert main(["finetune", "--config", str(cfg), "--estimate-only"]) == 0
     assert "PEAK" in capsys.readouterr().out
@@ -311,7 +317,8 @@ def test_cli_estimate_only_and_train(vlm_dir, tmp_path, capsys):
 
 def test_single_process_accelerate_launch(vlm_dir, tmp_path):
     cfg = _write_cli_config(vlm_dir, tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf")}
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "viscodex_lite.cli", "finetune", "--config", str(cfg)]

@@ -39,6 +39,7 @@ def test_sft_fits_where_it_should():
     sft = {(scale, gpus): next(s for s in runbook.plan(scale, gpus=gpus) if s.name == "sft")
            for scale, gpus in (("8b", 8), ("33b", 8), ("33b", 16))}
     assert sft["8b", 8].needs.gpu_memory_gb < 80 and "batch_size=2" in sft["8b", 8].kit_args
+    assert "data.path=$VISCODEX_LITE_DATA/MultimodalCodingDataset" in sft["8b", 8].kit_args   # the MCD directory itself
     assert sft["33b", 8].needs.gpu_memory_gb > 80        # 33B needs more than one node of 80 GB GPUs ...
     assert sft["33b", 16].needs.gpu_memory_gb < 80 * 0.9  # ... or two: micro batch 1, same global batch
     assert {"batch_size=1", "grad_accum=8"} <= set(sft["33b", 16].kit_args)

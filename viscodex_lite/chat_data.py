@@ -2,9 +2,9 @@
 
 An example is ``{"messages": [...], "images": [PIL.Image or path, ...]}`` with Qwen2.5-VL content
 parts (``{"type": "image"}``, ``{"type": "text", "text": ...}``) -- the form MCD records take after
-``mcd``'s converter. :func:`encode_example` renders it with the model's own processor (which expands
-each image part into the vision tower's number of ``<|image_pad|>`` tokens) and puts labels on the
-assistant's reply only; :func:`pad_batch` batches; :func:`assistant_loss` scores held-out examples.
+``mcd.to_chat`` (``data: {source: mcd, path: DIR}`` reads an MCD directory straight into that form).
+:func:`encode_example` renders it with the model's own processor (which expands each image part into
+the vision tower's number of ``<|image_pad|>`` tokens) and puts labels on the assistant's reply only; :func:`pad_batch` batches; :func:`assistant_loss` scores held-out examples.
 
 >>> ex = chart_examples(1)[0]
 >>> ex["messages"][0]["content"][1]["text"]
@@ -13,6 +13,7 @@ assistant's reply only; :func:`pad_batch` batches; :func:`assistant_loss` scores
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import os
 import re
@@ -120,8 +121,72 @@ def read_chat_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
     return out
 
 
-# Where examples come from, by data["source"]. MCD plugs in here once viscodex_lite.mcd lands.
+class McdExamples(collections.abc.Sequence):
+    """MCD records as chat examples, converted on access (images decoded per step, not up front).
+
+    ``records`` is a loaded MCD (``mcd.load``, a ``datasets.Dataset``); item ``i`` is
+    ``mcd.to_chat(records[i], max_pixels=...)`` plus the record's ``category`` and ``record_index``.
+    """
+
+    def __init__(self, records, max_pixels: int | None = None):
+        self.records, self.max_pixels = records, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        from .mcd import to_chat
+
+        record = self.records[i]
+        return {**to_chat(record, max_pixels=self.max_pixels),
+                "category": record["category"], "record_index": record["record_index"]}
+
+
+MCD_OPTIONS = ("path", "n", "mix", "seed", "max_pixels", "limit", "skip_bad", "check_images", "placeholders")
+
+
+def mcd_examples(spec: dict) -> McdExamples:
+    """``data: {source: mcd, path: DIR}``: an MCD directory (the release, a subset or the mini-MCD).
+
+    Options: ``n`` draws a stratified subset (``mix`` like ``html=0.4,chart=0.4,qa=0.1,algorithm=0.1`` or
+    a dict; default the paper's shares; ``seed``); ``max_pixels`` caps each image the way Qwen2.5-VL
+    resizes (default: as stored); ``limit`` reads only the first N records; ``skip_bad`` skips (and
+    counts) bad records instead of stopping; ``check_images`` (default ``exists``) and ``placeholders``
+    as in ``mcd.load``. Under ``accelerate launch`` the main process loads first and the others reuse
+    its Arrow cache.
+
+    >>> root = mini_mcd.ensure(n=40)  # doctest: +SKIP
+    >>> ex = mcd_examples({"path": root, "n": 4, "mix": "chart=1"})[0]  # doctest: +SKIP
+    >>> ex["category"], [p["type"] for p in ex["messages"][0]["content"]]  # doctest: +SKIP
+    ('chart', ['image', 'text'])
+    """
+    from accelerate import PartialState
+
+    from . import mcd
+
+    unknown = sorted(set(spec) - set(MCD_OPTIONS) - {"source"})
+    if unknown:
+        raise DataError(f"data: unknown key(s) {unknown} for source mcd; valid keys: {', '.join(MCD_OPTIONS)}.")
+    if not spec.get("path"):
+        raise DataError("data.source=mcd needs data.path: the MCD directory (with mcd_598k.json or mcd_<n>.json "
+                        "and mcd_images.zip or mcd_images/), e.g. --set data.path=$VISCODEX_LITE_DATA/MultimodalCodingDataset.")
+    report = mcd.LoadReport()
+    with PartialState().main_process_first():
+        records = mcd.load(spec["path"], skip_bad=spec.get("skip_bad", False), limit=spec.get("limit"),
+                           check_images=spec.get("check_images", "exists"),
+                           placeholders=spec.get("placeholders", "auto"), report=report)
+    if sum(report.skipped.values()) or report.unknown_categories:
+        print(report.summary())
+    if spec.get("n") is not None:
+        records = mcd.subset(records, spec["n"], spec.get("mix"), spec.get("seed", 0))
+    return McdExamples(records, spec.get("max_pixels"))
+
+
+# Where examples come from, by data["source"].
 DATA_SOURCES = {
+    "mcd": mcd_examples,
     "tiny_charts": lambda spec: chart_examples(spec.get("n", 16), seed=spec.get("seed", 0)),
     "chat_jsonl": lambda spec: read_chat_jsonl(spec["path"], spec.get("limit")),
 }
@@ -262,6 +327,42 @@ def encode_example(processor, example, *, max_length: int, index: int = 0) -> di
         out["pixel_values"] = enc["pixel_values"]
         out["image_grid_thw"] = enc["image_grid_thw"]
     return out
+
+
+def label_view(processor, encoded: dict[str, torch.Tensor]):
+    """An HTML view of an encoded example: the text as the model reads it, the tokens the loss is on
+    highlighted in green, each run of image tokens shown once with its length.
+
+    >>> from viscodex_lite import tiny
+    >>> proc = tiny.build_processor(tiny.build_tokenizer())
+    >>> view = label_view(proc, encode_example(proc, chart_examples(1)[0], max_length=512))
+    >>> "&lt;|image_pad|&gt; × 16" in view, view.count('class="loss"')
+    (True, 1)
+    """
+    import html
+
+    from .mcd import HTMLView
+
+    ids, labels = encoded["input_ids"].tolist(), encoded["labels"].tolist()
+    image_id = processor.image_token_id
+    runs: list[tuple[str, list[int]]] = []  # (kind, token ids), consecutive tokens of one kind
+    for token, label in zip(ids, labels):
+        kind = "image" if token == image_id else ("loss" if label != IGNORE_INDEX else "prompt")
+        if runs and runs[-1][0] == kind:
+            runs[-1][1].append(token)
+        else:
+            runs.append((kind, [token]))
+    style = {"image": "background:#e5e7eb;color:#555", "loss": "background:#bbf7d0", "prompt": ""}
+    spans = []
+    for kind, tokens in runs:
+        text = (f"{processor.image_token} × {len(tokens)}" if kind == "image"
+                else processor.tokenizer.decode(tokens, skip_special_tokens=False))
+        spans.append(f'<span class="{kind}" style="{style[kind]}">{html.escape(text)}</span>')
+    n_loss = sum(len(t) for k, t in runs if k == "loss")
+    n_image = sum(len(t) for k, t in runs if k == "image")
+    legend = (f"<div>{len(ids)} tokens: {n_image} image tokens (grey, collapsed), "
+              f"<span style='background:#bbf7d0'>{n_loss} with a label</span> (the loss), the rest label -100</div>")
+    return HTMLView(legend + '<pre style="white-space:pre-wrap;font-size:12px">' + "".join(spans) + "</pre>")
 
 
 class ChatDataset(torch.utils.data.Dataset):

@@ -39,7 +39,7 @@ import torch
 
 from .chat_data import (  # noqa: F401  (re-exported: one import for notebooks)
     IGNORE_INDEX, ChatDataset, DataError, ImageTokenError, SequenceTooLongError, assistant_loss, chart_examples,
-    encode_example, load_examples, pad_batch, read_chat_jsonl, write_chat_jsonl,
+    encode_example, label_view, load_examples, pad_batch, read_chat_jsonl, write_chat_jsonl,
 )
 from .config import seed_everything
 from .errors import KitError
@@ -62,7 +62,7 @@ class FinetuneConfig:
 
     model: str                       # local VLM directory (merged mini model, Qwen2.5-VL, merged VisCodex)
     output_dir: str                  # adapter, checkpoints, run card go here
-    data: dict                       # {"source": "tiny_charts", "n": 16} | {"source": "chat_jsonl", "path": ..., "limit": N}
+    data: dict                       # {"source": "mcd", "path": DIR, "n": N} | {"source": "tiny_charts", "n": 16} | chat_jsonl
     method: str = "qlora"            # qlora (NF4 + LoRA) | lora (bf16 + LoRA) | full (all LM weights; multi-GPU)
     # quantization
     double_quant: bool = True        # NF4 absmax quantized too: 0.516 instead of 0.5625 bytes per weight
@@ -667,5 +667,6 @@ __all__ = [
     "merge_full", "register_cli",
     # from chat_data
     "IGNORE_INDEX", "ChatDataset", "DataError", "ImageTokenError", "SequenceTooLongError", "assistant_loss",
-    "chart_examples", "encode_example", "load_examples", "pad_batch", "read_chat_jsonl", "write_chat_jsonl",
+    "chart_examples", "encode_example", "label_view", "load_examples", "pad_batch", "read_chat_jsonl",
+    "write_chat_jsonl",
 ]

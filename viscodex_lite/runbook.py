@@ -216,7 +216,8 @@ def plan(scale: str | Scale = "8b", *, gpus: int = 8, engine: str = "fsdp", mode
     if a.micro_batch > 1 and sft_needs(s, gpus, a).gpu_memory_gb > 0.9 * a.gpu_memory_gb:
         a = replace(a, micro_batch=1)  # halve the activations before asking for more GPUs
     grad_accum = max(1, a.global_batch // (gpus * a.micro_batch))
-    overrides = [f"model={merged}", f"output_dir={sft}", f"batch_size={a.micro_batch}", f"grad_accum={grad_accum}"]
+    overrides = [f"model={merged}", f"output_dir={sft}", f"data.path={mcd}", f"batch_size={a.micro_batch}",
+                 f"grad_accum={grad_accum}"]
     gen, tp = generate_needs(s, a)
     merge = merge_needs(s, a)
     return [
