@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
 
-.PHONY: demo test course-test docs docs-test lab env clean
+.PHONY: demo test unit-test course-test docs docs-test lab env clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,11 @@ env: $(STAMP)
 demo: $(STAMP)
 	VISCODEX_LITE_MODE=$${VISCODEX_LITE_MODE:-tiny} $(BIN)/viscodex-lite demo
 
-## Every test: unit tests, then every notebook through nbmake in tiny mode (course-test and docs-test run them again).
-test: $(STAMP)
+## Every test: unit tests and every notebook (nbmake, tiny mode), then the course labs, then the docs site.
+test: unit-test course-test docs-test
+
+## Unit tests, doctests and every notebook through nbmake in tiny mode.
+unit-test: $(STAMP)
 	$(TINY) $(BIN)/python -m pytest --nbmake --nbmake-timeout=120 --doctest-modules --durations=15 -q -rs \
 	  -m "not course and not docs" viscodex_lite tests notebooks
 

@@ -12,7 +12,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "analysis", "browser", "chat_data", "check", "checkpoints", "cli", "config", "course", "demo", "envcheck", "finetune",
+    "analysis", "atomic", "browser", "chat_data", "check", "checkpoints", "cli", "config", "course", "demo", "envcheck", "finetune",
     "generate", "infibench", "layout", "mcd", "memory", "merge", "mini_mcd", "models", "notebooks", "report",
     "runbook", "tiny", "task_vectors", "world", "sweep", "probes", "viz", "zoo",
 }

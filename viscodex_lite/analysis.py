@@ -63,9 +63,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -75,6 +73,7 @@ import numba
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .errors import KitError
 from .layout import LM_PROJECTIONS
 from .task_vectors import magnitude_threshold
@@ -875,19 +874,11 @@ def save_table(table, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix not in (".parquet", ".csv"):
         raise AnalysisError(f"{path}: save the table as .parquet or .csv")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".parquet":
             table.to_parquet(tmp, index=False)
         else:
             table.to_csv(tmp, index=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -13,7 +13,6 @@ pytest plugin :mod:`viscodex_lite.nbmake_gpu`). Notebooks are stored without out
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import tempfile
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
+from .atomic import atomic_path
 from .errors import KitError
 
 GPU_TAG = "gpu"
@@ -54,16 +54,8 @@ def read(path: str | Path) -> NotebookNode:
 def write(nb: NotebookNode, path: str | Path) -> Path:
     """Write ``nb`` atomically (temp file in the same folder, then ``os.replace``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            nbformat.write(nb, handle)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        nbformat.write(nb, str(tmp))
     return path
 
 

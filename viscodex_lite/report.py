@@ -15,11 +15,11 @@ the first figure), so a page opens offline, from a file, in any browser; it is w
 from __future__ import annotations
 
 import html
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_path
 
 STATUS_COLOURS = {"ok": "#1a7f37", "missing": "#9a6700", "skipped": "#57606a", "failed": "#cf222e"}
 
@@ -111,18 +111,9 @@ def render(title: str, sections: list[Section], subtitle: str = "") -> str:
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically, readable by others (mode 0644); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write(path: str | Path, title: str, sections: list[Section], subtitle: str = "") -> Path:

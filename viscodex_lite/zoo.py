@@ -838,7 +838,7 @@ def _cmd_list(args) -> int:
         size = sum(p.stat().st_size for p in (root / name).iterdir())
         scores = manifest["probes"].get(name, {})
         norm = manifest["delta_norms"].get(name, {}).get("all", {}).get("ratio")
-        line = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+        line = ", ".join(f"{k} {v['pass']:.3f} (facts {v['item_acc']:.3f})" for k, v in scores.items())
         print(f"  {name:5s} {size / 1e6:5.1f} MB  {line}" + (f"  |delta|/|base| {norm:.3f}" if norm is not None else ""))
     return 0
 
