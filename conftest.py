@@ -2,16 +2,14 @@
 
 - Offline and quiet: no hub access, no progress bars, tiny mode, static widgets. Notebook kernels
   inherit this environment.
-- Cells tagged ``gpu`` are skipped when no CUDA device exists: each affected notebook runs from a
-  copy in which those cells carry nbclient's ``skip-execution`` tag, and the skips are listed in
-  the terminal summary (a real, reported skip; the cell is never faked).
+- Cells tagged ``gpu`` are skipped when no CUDA device exists (plugin ``viscodex_lite.nbmake_gpu``:
+  each affected notebook runs from a copy in which those cells carry nbclient's ``skip-execution``
+  tag, and the skips are listed in the terminal summary).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 for _var, _value in {
     "HF_HUB_OFFLINE": "1",
@@ -25,36 +23,5 @@ for _var, _value in {
 }.items():
     os.environ.setdefault(_var, _value)
 
-GPU_TAG = "gpu"
-_skipped_gpu_cells: list[tuple[str, int]] = []
-
-
-def pytest_collection_modifyitems(config, items):
-    notebook_items = [item for item in items if getattr(item, "nbmake", False)]
-    if not notebook_items:
-        return
-    import nbformat
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    copies = Path(tempfile.mkdtemp(prefix="viscodex-lite-gpu-skipped-"))
-    for item in notebook_items:
-        source = Path(config.rootdir) / item.filename
-        nb = nbformat.read(source, as_version=4)
-        gpu_cells = [cell for cell in nb.cells if GPU_TAG in cell.get("metadata", {}).get("tags", [])]
-        if not gpu_cells:
-            continue
-        for cell in gpu_cells:
-            cell.metadata["tags"] = [*cell.metadata["tags"], "skip-execution"]
-        copy = copies / source.name
-        nbformat.write(nb, copy)
-        item.filename = str(copy)  # nbmake joins rootdir with this; an absolute path wins
-        _skipped_gpu_cells.append((source.name, len(gpu_cells)))
-
-
-def pytest_terminal_summary(terminalreporter):
-    if _skipped_gpu_cells:
-        terminalreporter.section("gpu cells skipped (no CUDA device)")
-        for name, count in _skipped_gpu_cells:
-            terminalreporter.write_line(f"{name}: {count} cell(s) tagged '{GPU_TAG}' not run")
+# gpu-cell skipping for nbmake lives in the package, so copies run outside the repository get it too.
+pytest_plugins = ["viscodex_lite.nbmake_gpu"]

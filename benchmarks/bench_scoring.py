@@ -1,5 +1,9 @@
 """InfiBench-V scoring speed: keyword/regex answers/s and sandboxed Python unit tests cases/s.
 
+Unit tests are timed cold (a new Sandbox: its per-worker zygotes start and import numpy/pandas,
+then every test runs) and warm (the same Sandbox runs them all again), with the default
+preloads and with none. The load average is printed: the VM is shared, so note it with the numbers.
+
     python benchmarks/bench_scoring.py [--official DIR] [--workers 2]
 
 With ``--official DIR`` (a checkout of infi-coder/infibench-evaluator kept outside this repo) it
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import sys
 import time
 import types
@@ -25,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from viscodex_lite.infibench import cases as C  # noqa: E402
 from viscodex_lite.infibench import runner as R  # noqa: E402
 from viscodex_lite.infibench import scorers as S  # noqa: E402
-from viscodex_lite.infibench.sandbox import Limits, Sandbox  # noqa: E402
+from viscodex_lite.infibench.sandbox import PRELOAD, Limits, Sandbox  # noqa: E402
 
 MODELS = ("reference", "finetuned", "merged", "vlm")
 
@@ -56,15 +61,37 @@ def python_unit_jobs(pairs):
     return jobs
 
 
-def bench_sandbox(pairs, workers):
+def bench_sandbox(pairs, workers, preload=PRELOAD):
+    """Cold: a new Sandbox runs every test (its zygotes' start-up included). Warm: the same
+    Sandbox runs them all again. Rates count cases (a case = one answer, 1-3 tests)."""
     jobs = python_unit_jobs(pairs)
     flat = [j for _, _, js in jobs for j in js]
-    with Sandbox(Limits(wall_s=10), workers=workers) as box:
-        box.isolation()
+    with Sandbox(Limits(wall_s=10), workers=workers, preload=preload) as box:
         started = time.perf_counter()
-        results = box.run_many(flat)
-        elapsed = time.perf_counter() - started
-    return len(jobs), len(flat), len(jobs) / elapsed, elapsed, max(r.duration_s for r in results), box.isolation()
+        box.warm_up()
+        startup = time.perf_counter() - started
+        cold = box.run_many(flat)
+        cold_s = time.perf_counter() - started
+        started = time.perf_counter()
+        warm = box.run_many(flat)
+        warm_s = time.perf_counter() - started
+        layers = box.isolation()
+    same = [a.status for a in cold] == [b.status for b in warm]
+    return {"cases": len(jobs), "tests": len(flat), "startup_s": startup, "cold": len(jobs) / cold_s,
+            "warm": len(jobs) / warm_s, "warm_s": warm_s, "slowest": max(r.duration_s for r in cold + warm),
+            "passed": sum(r.passed for r in warm), "same_verdicts": same, "layers": layers}
+
+
+def cpu_per_case(pairs, workers, preload=PRELOAD):
+    """CPU seconds (harness + every sandboxed process, zygote start-up included) per case, one
+    cold pass: steadier than wall time on a shared machine."""
+    flat = [j for _, _, js in python_unit_jobs(pairs) for j in js]
+    cpu = lambda: sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                      for f in ("ru_utime", "ru_stime"))
+    before = cpu()
+    with Sandbox(Limits(wall_s=10), workers=workers, preload=preload) as box:
+        box.run_many(flat)
+    return (cpu() - before) / len(python_unit_jobs(pairs))
 
 
 # ------------------------------------------------------------------ the official evaluator
@@ -136,11 +163,19 @@ def main():
     n, kw_rate, kw_cases = bench_keywords(pairs)
     print(f"keyword/regex scoring (kit):      {kw_rate:10,.0f} answers/s  ({n} answers over {kw_cases} case-answer pairs)")
     heavy = lambda c: any(w in str(c.grading) for w in ("pandas", "np.", "numpy", "pd."))
-    for label, subset in (("all sample cases", pairs), ("stdlib-only cases", [(c, a) for c, a in pairs if not heavy(c)])):
-        n_cases, n_tests, rate, elapsed, slowest, layers = bench_sandbox(subset, args.workers)
-        print(f"sandboxed Python unit tests (kit, {label}): {rate:6.1f} cases/s  ({n_cases} cases, {n_tests} tests, "
-              f"{elapsed:.2f}s, {args.workers} workers, slowest test {slowest:.2f}s)")
-    print(f"sandbox layers: {' '.join(layers)}")
+    print(f"load average before the sandbox runs: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min)")
+    for label, subset, preload in (("all sample cases", pairs, PRELOAD),
+                                   ("stdlib-only cases", [(c, a) for c, a in pairs if not heavy(c)], PRELOAD),
+                                   ("all sample cases, nothing preloaded", pairs, ())):
+        r = bench_sandbox(subset, args.workers, preload)
+        print(f"sandboxed Python unit tests (kit, {label}): warm {r['warm']:5.1f} cases/s, cold {r['cold']:5.1f} cases/s "
+              f"({r['cases']} cases, {r['tests']} tests ({r['passed']} pass), {args.workers} workers; warm pass "
+              f"{r['warm_s']:.2f}s, zygote start-up {r['startup_s']:.2f}s, slowest test {r['slowest']:.2f}s, "
+              f"same verdicts cold/warm: {r['same_verdicts']})")
+    print(f"CPU per case, one cold pass (harness + sandboxed processes): {cpu_per_case(pairs, args.workers):.3f}s "
+          f"(nothing preloaded: {cpu_per_case(pairs, args.workers, ()):.3f}s)")
+    print(f"sandbox layers: {' '.join(r['layers'])}")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rate = kw_rate
     if args.official:
         gm = import_official(args.official.resolve())

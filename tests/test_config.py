@@ -56,3 +56,20 @@ def test_seed_everything_repeats():
     a = torch.rand(3)
     config.seed_everything(3)
     assert torch.equal(a, torch.rand(3))
+
+
+def test_secret_reads_one_variable_and_treats_empty_as_unset(monkeypatch):
+    monkeypatch.setenv("VL_TEST_SECRET_KEY", "sk-abc")
+    assert config.secret("VL_TEST_SECRET_KEY") == "sk-abc"
+    assert config.secret("VL_TEST_SECRET_KEY", env={"VL_TEST_SECRET_KEY": ""}) is None
+    assert config.secret("") is None and config.secret("VL_TEST_UNSET_KEY_XYZ") is None
+
+
+def test_only_config_reads_environment_variables():
+    import re
+
+    package = config.REPO_ROOT / "viscodex_lite"
+    reads = re.compile(r"os\.getenv|environ\.get\(|environ\[|environ\.copy\(|dict\(os\.environ")
+    offenders = [str(p.relative_to(package)) for p in package.rglob("*.py")
+                 if p.name != "config.py" and reads.search(p.read_text())]
+    assert offenders == []

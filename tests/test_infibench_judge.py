@@ -165,3 +165,24 @@ def test_stand_in_judge_grades_by_overlap(tmp_path):
         good = client.grade(case, "stale closure; use setCount(c => c + 1)")
         bad = client.grade(case, "restart the computer")
     assert good.score > bad.score
+
+
+def test_cli_reads_the_key_through_config_and_never_writes_it(server, tmp_path, monkeypatch, capsys, caplog):
+    from viscodex_lite.cli import main
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("VL_TEST_JUDGE_KEY", KEY)
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    judge_case(cases)
+    responses, out, html, cache = tmp_path / "r.jsonl", tmp_path / "s.jsonl", tmp_path / "r.html", tmp_path / "cache"
+    responses.write_text(json.dumps({"case_id": "j", "response": "stale closure: setCount(c => c + 1)"}) + "\n")
+    assert main(["score", "--cases", str(cases), "--responses", str(responses), "-o", str(out), "--report", str(html),
+                 "--judge-url", server.url, "--judge-api-key-env", "VL_TEST_JUDGE_KEY", "--judge-cache", str(cache)]) == 0
+    assert server.auth == [f"Bearer {KEY}"]                       # the key reached the server ...
+    [row] = [json.loads(l) for l in out.read_text().splitlines()]
+    assert row["details"]["judge_detail"]["score"] == 70
+    written = [out.read_text(), html.read_text(), *(p.read_text() for p in cache.iterdir())]
+    assert all(KEY not in text for text in written)              # ... and nothing on disk
+    captured = capsys.readouterr()
+    assert KEY not in captured.out + captured.err + caplog.text  # ... or in the logs

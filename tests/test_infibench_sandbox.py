@@ -1,18 +1,31 @@
 """Hostile answers against the unit-test sandbox (threat model: docs/sandbox.md)."""
 
 import os
+import subprocess
+import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
 
-from viscodex_lite.infibench.sandbox import Limits, Sandbox, TestJob, toolchain
+from viscodex_lite.infibench.runner import PYTHON_HELPER
+from viscodex_lite.infibench.sandbox import PRELOAD, Limits, Sandbox, TestJob, available_modules, toolchain
 
 
 @pytest.fixture(scope="module")
 def box():
     with Sandbox(Limits(wall_s=4), workers=2) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture(scope="module")
+def solo():
+    """One worker: every test forks from the same zygote."""
+    with Sandbox(Limits(wall_s=4), workers=1) as sandbox:
+        sandbox.warm_up()
         yield sandbox
 
 
@@ -137,3 +150,143 @@ def test_cpp_exit_tricks_fail(box):
 def test_missing_toolchain_is_reported_as_skipped(box):
     result = box.run(TestJob("go", ["package main", "func main() {}"]))
     assert result.status == "skipped" and "no toolchain" in result.reason
+
+
+# ------------------------------------------------------------------ the zygote (one per worker)
+
+def wait_until(condition, seconds=15.0):
+    """Poll ``condition`` until it holds or ``seconds`` pass; its last value."""
+    deadline = time.monotonic() + seconds
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def marked(marker):
+    return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+
+
+def gone(pids):
+    def dead(pid):
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    return all(dead(pid) for pid in pids)
+
+
+def test_preload_covers_the_official_helper_imports():
+    helper = {line.split()[1].split(".")[0] for line in PYTHON_HELPER} - {"sys"}
+    assert helper <= set(PRELOAD)
+
+
+def test_tests_fork_from_a_zygote_that_preloaded_the_heavy_modules(solo):
+    preloaded = set(solo.warm_up())
+    assert {"math", "statistics"} <= preloaded and available_modules(("numpy", "pandas")) <= preloaded
+    answer = f"import sys\nassert {sorted(preloaded)!r} == sorted(m for m in {sorted(preloaded)!r} if m in sys.modules)"
+    assert solo.run(py(answer, "assert 'unittest' not in sys.modules")).passed
+
+
+def test_test_helpers_are_never_preloaded():
+    with Sandbox(workers=1, preload=("unittest", "doctest", "json")) as box:
+        assert box.warm_up() == ["json"]
+        assert box.run(py("import sys\nassert 'json' in sys.modules and 'unittest' not in sys.modules")).passed
+
+
+PANDAS = "pandas" in available_modules(("pandas",))
+# (what one test does, what the next test on the same zygote checks)
+STATE = {
+    "preloaded module": ("import statistics, math\nstatistics.mean = lambda xs: 42\nmath.pi = 3",
+                         "import statistics, math\nassert statistics.mean([1, 3]) == 2 and math.pi > 3.14"),
+    "pandas": ("import pandas as pd\npd.DataFrame.sum = lambda self, *a, **k: 42\npd.LEAK = 1" if PANDAS else "pass",
+               "import pandas as pd\nassert not hasattr(pd, 'LEAK') and pd.DataFrame({'a': [1, 2]}).sum()['a'] == 3"
+               if PANDAS else "pass"),
+    "builtins": ("import builtins\nbuiltins.LEAKED = 1\nbuiltins.sorted = lambda x: [0]",
+                 "import builtins\nassert not hasattr(builtins, 'LEAKED') and sorted([2, 1]) == [1, 2]"),
+    "interpreter": ("import sys\nsys.path.insert(0, '/evil')\nsys.setrecursionlimit(80)\nsys.modules['json'] = None",
+                    "import sys, json\nassert '/evil' not in sys.path and sys.getrecursionlimit() > 80"),
+    "environment": ("import os\nos.environ['VL_LEAK'] = '1'\nos.putenv('VL_LEAK_C', '1')",
+                    "import os, subprocess\nassert 'VL_LEAK' not in os.environ\n"
+                    "assert b'VL_LEAK' not in subprocess.run(['env'], capture_output=True).stdout"),
+    "files": ("open('leak.txt', 'w').write('x')\nimport tempfile\ntempfile.mkstemp()",
+              "import os, tempfile\nassert os.listdir('.') == [] and os.environ['HOME'] == os.getcwd() == tempfile.gettempdir()"),
+}
+
+
+@pytest.mark.parametrize("what", STATE)
+def test_state_does_not_leak_from_one_test_to_the_next(solo, what):
+    dirty, check = STATE[what]
+    zygote = solo._zygotes[0].proc.pid
+    assert solo.run(py(dirty)).passed
+    assert solo.run(py(check)).passed, solo.run(py(check)).output
+    assert solo._zygotes[0].proc.pid == zygote                      # the same zygote served both
+    if check != "pass":
+        assert not solo.run(py(dirty + "\n" + check)).passed       # the check sees the state when it is there
+
+
+def test_each_test_gets_fresh_random_state(solo):
+    draw = "import random\nprint('random', random.random())" + ("\nimport numpy\nprint('numpy', numpy.random.rand())"
+                                                                if "numpy" in available_modules(("numpy",)) else "")
+    first, second = (solo.run(py(draw)).output.splitlines() for _ in range(2))
+    assert len(first) == len(second) == draw.count("print") and all(a != b for a, b in zip(first, second))
+
+
+def test_the_test_holds_no_descriptor_of_the_zygote(solo):
+    answer = ("import os\nextra = [f for f in os.listdir('/proc/self/fd') if int(f) > 3]\n"
+              "assert all(not os.path.exists(f'/proc/self/fd/{f}') for f in extra), extra")   # only listdir's own
+    assert solo.run(py(answer, "import os\nassert os.getpid() == 1 or True")).passed
+
+
+def test_hostile_answers_cannot_reach_the_zygote(solo):
+    zygote = solo._zygotes[0].proc.pid
+    answer = "import os, signal\nfor pid in [-1, 0, 2, os.getppid()]:\n    try:\n        os.kill(pid, signal.SIGKILL)\n" \
+             "    except OSError:\n        pass"
+    solo.run(py(answer))
+    assert solo._zygotes[0].proc.pid == zygote and solo._zygotes[0].alive()
+    assert solo.run(py("x = 1", "assert x == 1")).passed
+
+
+def test_killing_the_zygote_kills_its_running_test_and_a_new_one_takes_over(solo):
+    zygote = solo._zygotes[0]
+    marker = f"vl_orphan_{uuid.uuid4().hex}"
+    sleeper = py(f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', '{marker}'])",
+                 timeout=30)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(solo.run, sleeper)
+        test = wait_until(lambda: marked(marker))
+        assert test, "the sleeping test never started"
+        zygote.proc.kill()
+        result = future.result(timeout=20)
+    assert result.status == "failed"
+    assert wait_until(lambda: gone([p.pid for p in test]) and not marked(marker))
+    assert solo.run(py("x = 1", "assert x == 1")).passed and solo._zygotes[0].proc.pid != zygote.proc.pid
+
+
+def test_a_killed_harness_leaves_no_zygote_or_test_behind():
+    marker = f"vl_orphan_{uuid.uuid4().hex}"
+    answer = f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', '{marker}'])"
+    harness = ("from viscodex_lite.infibench.sandbox import Limits, Sandbox, TestJob\n"
+               "box = Sandbox(Limits(wall_s=60), workers=1, preload=())\nbox.warm_up()\n"
+               "print(box._zygotes[0].proc.pid, flush=True)\n"
+               f"box.run(TestJob('python', [{answer!r}, 'pass']))\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", harness], stdout=subprocess.PIPE, cwd=root,
+                            env=dict(os.environ, PYTHONPATH=str(root)))
+    try:
+        zygote = int(proc.stdout.readline())
+        test = wait_until(lambda: marked(marker))
+        assert test, "the sleeping test never started"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert wait_until(lambda: gone([zygote] + [p.pid for p in test]) and not marked(marker))
+
+
+def test_close_stops_the_zygotes():
+    box = Sandbox(workers=2, preload=())
+    box.warm_up()
+    pids = [z.proc.pid for z in box._zygotes.values()]
+    assert len(pids) == 2
+    box.close()
+    assert gone(pids)

@@ -416,7 +416,7 @@ def test_stats_count_tokens_and_image_sizes(tmp_path, cache):
 
 def test_cli_inspect_writes_a_self_contained_page(tmp_path, cache, capsys):
     root = write_release(tmp_path / "mcd", good_records() + [BAD["missing_image"]])
-    out = tmp_path / "page.html"
+    out = tmp_path / "not" / "yet" / "page.html"   # folders made as needed
     assert cli_main(["mcd", "inspect", str(root), "--out", str(out), "--examples", "3"]) == 0
     page = out.read_text()
     assert page.count("data:image/png;base64,") >= 2 and "missing_image 1" in page
@@ -519,3 +519,16 @@ def test_ensure_builds_once(tmp_path, cache):
     assert mini_mcd.ensure(n=8, seed=1, root=tmp_path / "cache") == first
     assert (first / "manifest.json").stat().st_mtime_ns == stamp
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
+
+
+def test_ensure_rebuilds_when_the_world_changes(tmp_path, cache, monkeypatch):
+    world = pytest.importorskip("viscodex_lite.world")
+    first = mini_mcd.ensure(n=6, generators=mini_mcd.WORLD_GENERATORS, root=tmp_path / "cache")
+    assert mini_mcd.ensure(n=6, generators=mini_mcd.WORLD_GENERATORS, root=tmp_path / "cache") == first
+    changed = tmp_path / "world.py"
+    changed.write_text(Path(world.__file__).read_text() + "\n# the programs' format changed\n")
+    monkeypatch.setattr(world, "__file__", str(changed))
+    second = mini_mcd.ensure(n=6, generators=mini_mcd.WORLD_GENERATORS, root=tmp_path / "cache")
+    assert second != first and (second / "manifest.json").is_file()
+    assert mini_mcd.ensure(n=6, root=tmp_path / "cache").name.split("-")[3] == \
+        mini_mcd.code_fingerprint(mini_mcd.DEFAULT_GENERATORS)   # generic builds do not depend on world.py

@@ -14,6 +14,7 @@ import nbformat
 import pytest
 
 import viscodex_lite as vl
+from viscodex_lite import course
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -61,11 +62,40 @@ def test_notebook_anatomy(path):
     assert "You will learn" in text
     assert re.search(r"^\s*assert ", text, re.M), "checks with assert on results"
     assert "## Exercises" in text and "### BEGIN SOLUTION" in text, "exercises with marked solutions"
-    for cell in cells:
-        if "### BEGIN SOLUTION" in cell.source:
-            assert "### END SOLUTION" in cell.source
-            after = cell.source.split("### END SOLUTION", 1)[1]
-            assert "assert" in after, "every exercise cell checks its answer after the solution"
+
+
+CHECK_LINE = re.compile(r"""^assert vl\.check\.exercise\("(?P<id>\d\d\.\d+)", """, re.M)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_exercises_follow_the_course_convention(path):
+    """Each exercise cell: `### BEGIN SOLUTION` … `### END SOLUTION` (optionally a `# hint: …` line inside),
+    then one `assert vl.check.exercise("NN.k", answer, **context)`; ids NN.1, NN.2, … in order, each with a
+    registered check (viscodex_lite/exercises/nbNN.py). `viscodex-lite course build` relies on this."""
+    nb = load(path)
+    number = path.name[:2]
+    found = course.exercises(nb, number=number, name=path.name)  # raises on malformed markers
+    assert found, "at least one exercise"
+    for exercise in found:
+        after = nb.cells[exercise.cell].source.split("### END SOLUTION", 1)[1]
+        calls = CHECK_LINE.findall(after)
+        assert len(calls) == 1, f"cell {exercise.cell}: end with one `assert vl.check.exercise(\"{number}.k\", answer, ...)`"
+        assert exercise.defines, f"{exercise.id}: the solution should define the answer it checks"
+    ids = [e.id for e in found]
+    assert ids == [f"{number}.{k}" for k in range(1, len(ids) + 1)], f"exercise ids must run {number}.1, {number}.2, …: {ids}"
+    for exercise_id in ids:
+        vl.check.lookup(exercise_id)  # ExerciseError when no check is registered
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_header_says_how_to_run_it(path):
+    """The first cell says how to run the notebook locally, on a one-GPU cloud machine and in JupyterLab."""
+    header = load(path).cells[0]
+    assert header.cell_type == "markdown"
+    how = header.source.split("**How to run it.**", 1)
+    assert len(how) == 2, "a '**How to run it.**' paragraph in the first cell"
+    for place in ("Locally", "one-GPU cloud machine", "JupyterLab"):
+        assert place in how[1], f"'How to run it' must cover: {place}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -14,10 +14,12 @@ def pyproject():
 
 def test_environment_yml_mirrors_pyproject():
     project = pyproject()["project"]
-    wanted = set(project["dependencies"]) | set(project["optional-dependencies"]["dev"])
+    extras = project["optional-dependencies"]
+    wanted = set(project["dependencies"]) | set(extras["dev"]) | set(extras["docs"])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_list = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     mirrored = {line for line in pip_list if not line.startswith("-e")}
+    assert "-e ." in pip_list, "environment.yml installs the kit itself (conda and Binder)"
     assert mirrored == wanted, f"only in pyproject: {wanted - mirrored}; only in environment.yml: {mirrored - wanted}"
 
 

@@ -12,8 +12,9 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "analysis", "check", "checkpoints", "cli", "config", "envcheck", "finetune", "generate",
-    "infibench", "mcd", "merge", "mini_mcd", "models", "notebooks", "tiny", "task_vectors", "viz", "zoo",
+    "analysis", "atomic", "browser", "chat_data", "check", "checkpoints", "cli", "config", "course", "demo", "envcheck", "finetune",
+    "generate", "infibench", "layout", "mcd", "memory", "merge", "mini_mcd", "models", "notebooks", "report",
+    "runbook", "tiny", "task_vectors", "world", "sweep", "probes", "viz", "zoo",
 }
 
 

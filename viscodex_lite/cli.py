@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "viscodex_lite.generate",
     "viscodex_lite.infibench.cli",
     "viscodex_lite.course",
+    "viscodex_lite.runbook",
     "viscodex_lite.demo",
 )
 

@@ -175,6 +175,22 @@ def current(mode: str | None = None, env: dict[str, str] | None = None) -> RunCo
     )
 
 
+def secret(name: str, env: dict[str, str] | None = None) -> str | None:
+    """The secret held by environment variable ``name`` (e.g. a judge API key), None when unset or empty.
+
+    Read here because only this module reads the environment. Pass the value straight to the
+    client that needs it; never print, log, cache or store it (``JudgeClient`` keeps it out of
+    its repr, cache keys and errors).
+
+    >>> secret("OPENAI_API_KEY", env={"OPENAI_API_KEY": "sk-123"})
+    'sk-123'
+    >>> secret("OPENAI_API_KEY", env={}) is None
+    True
+    """
+    value = (os.environ if env is None else env).get(name) if name else None
+    return value or None
+
+
 def seed_everything(seed: int = DEFAULT_SEED) -> None:
     """Seed Python, NumPy and torch so a run is repeatable on the same machine."""
     import numpy as np

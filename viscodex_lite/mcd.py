@@ -1141,6 +1141,7 @@ def _cmd_inspect(args) -> int:
         keep = [c for c in summary.columns if c == "records" or c.endswith(" mean") or c.endswith(" p95")]
         print(summary[keep].to_string(float_format=lambda x: f"{x:.0f}"))
     out = Path(args.out) if args.out else Path(find_records_file(args.path)).parent / "mcd_inspect.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(out, inspect_html(args.path, ds, report, counts, summary, args.examples, args.seed).encode())
     print(f"wrote {out}")
     return 0

@@ -828,19 +828,30 @@ def _write_samples(writer: ReleaseWriter, made) -> None:
         writer.add(record, dict(zip(refs, pngs)))
 
 
+def code_fingerprint(chosen: Mapping[str, str]) -> str:
+    """A short hash of the code that makes the records: this module, plus ``world.py`` when a world
+    generator is chosen. Part of :func:`ensure`'s cache key, so a change to the mini family's world
+    (its programs' format, its held-out scenes) rebuilds the mini-MCD instead of reusing a stale one."""
+    sources = [Path(__file__).read_bytes()]
+    if "world" in chosen.values():
+        sources.append(Path(_world().__file__).read_bytes())
+    return hashlib.sha256(b"\0".join(sources)).hexdigest()[:8]
+
+
 def ensure(n: int = 600, seed: int = 0, generators: Mapping[str, str] | None = None,
            root: str | os.PathLike | None = None, workers: int = 1) -> Path:
     """The directory of a mini-MCD with these settings, built on first use and reused after.
 
-    Lives under ``runs/<mode>/mini_mcd/`` (or ``root``); a build goes to a temporary directory
-    that is renamed into place, so an interrupted build is never picked up.
+    Lives under ``runs/<mode>/mini_mcd/`` (or ``root``), keyed by the settings and the generators'
+    code (:func:`code_fingerprint`); a build goes to a temporary directory that is renamed into
+    place, so an interrupted build is never picked up.
     """
     from . import config
 
     chosen = _resolve(generators)
     root = Path(root) if root is not None else config.current().workdir("mini_mcd")
     tag = "-".join(f"{c}_{g}" for c, g in chosen.items() if g != "generic")
-    key = f"n{n}-seed{seed}-v{BUILDER_VERSION}" + (f"-{tag}" if tag else "")
+    key = f"n{n}-seed{seed}-v{BUILDER_VERSION}-{code_fingerprint(chosen)}" + (f"-{tag}" if tag else "")
     target = root / key
     if (target / "manifest.json").is_file():
         return target

@@ -432,6 +432,13 @@ def ties(
     return apply_task_vector(base, merged, lam)
 
 
+def _dare_task_vectors(base: Tensor, models: Sequence[Tensor], density: float, *, seed: int, name: str,
+                       offset: int) -> list[Tensor]:
+    """Each model's task vector after DARE; model ``i``'s mask is keyed by ``f"{name}#{i}"``."""
+    return [sparsify_dare(task_vector(m, base), density, seed=seed, name=f"{name}#{i}", offset=offset)
+            for i, m in enumerate(models)]
+
+
 def dare_linear(
     base: Tensor,
     models: Sequence[Tensor],
@@ -451,10 +458,7 @@ def dare_linear(
     True
     """
     _check_inputs(models, weights, base)
-    taus = [
-        sparsify_dare(task_vector(m, base), density, seed=seed, name=f"{name}#{i}", offset=offset)
-        for i, m in enumerate(models)
-    ]
+    taus = _dare_task_vectors(base, models, density, seed=seed, name=name, offset=offset)
     return apply_task_vector(base, combine(taus, weights, divisor="weights" if normalize else None), lam)
 
 
@@ -479,9 +483,6 @@ def dare_ties(
     [1.0, 1.0, 1.0, 1.0]
     """
     _check_inputs(models, weights, base)
-    taus = [
-        sparsify_dare(task_vector(m, base), density, seed=seed, name=f"{name}#{i}", offset=offset)
-        for i, m in enumerate(models)
-    ]
+    taus = _dare_task_vectors(base, models, density, seed=seed, name=name, offset=offset)
     merged = combine(taus, weights, sign_consensus=elect, divisor=divisor if normalize else None)
     return apply_task_vector(base, merged, lam)

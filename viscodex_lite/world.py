@@ -244,8 +244,11 @@ def parse_description(text: str) -> Scene | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def to_code(scene: Scene) -> str:
+def to_code(scene: Scene, palette: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> str:
     """The reference program that draws the scene (Python for charts, HTML for UI).
+
+    ``palette`` / ``tags`` replace the colour -> hex and element -> tag tables (a program written
+    against another style sheet: same structure, other codes).
 
     >>> print(to_code(Scene("chart", (("red", 3), ("blue", 5)))))
     # bar chart: red 3, blue 5
@@ -256,14 +259,29 @@ def to_code(scene: Scene) -> str:
     <!-- page: header red -->
     <h1 style="color:#e22"></h1>
     """
+    palette = palette or COLOURS
+    tags = tags or ELEMENT_TAGS
     if scene.kind == "chart":
         lines = [f"# {describe(scene)}"]
-        lines += [f"bar({i}, {h}, '#{COLOURS[c]}')" for i, (c, h) in enumerate(scene.items)]
+        lines += [f"bar({i}, {h}, '#{palette[c]}')" for i, (c, h) in enumerate(scene.items)]
         lines.append(f"ylim({max(h for _, h in scene.items) + 1})")
         return "\n".join(lines)
     lines = [f"<!-- {describe(scene)} -->"]
-    lines += [f'<{ELEMENT_TAGS[e]} style="color:#{COLOURS[c]}"></{ELEMENT_TAGS[e]}>' for e, c in scene.items]
+    lines += [f'<{tags[e]} style="color:#{palette[c]}"></{tags[e]}>' for e, c in scene.items]
     return "\n".join(lines)
+
+
+def shuffled_tables(rng: random.Random) -> tuple[dict[str, str], dict[str, str]]:
+    """A random re-pairing of the colour -> hex and element -> tag tables (same codes, other owners).
+
+    >>> palette, tags = shuffled_tables(random.Random(0))
+    >>> sorted(palette.values()) == sorted(COLOURS.values()), sorted(tags.values()) == sorted(ELEMENT_TAGS.values())
+    (True, True)
+    """
+    hexes, tag_names = list(COLOURS.values()), list(ELEMENT_TAGS.values())
+    rng.shuffle(hexes)
+    rng.shuffle(tag_names)
+    return dict(zip(COLOURS, hexes)), dict(zip(ELEMENT_TAGS, tag_names))
 
 
 def code_kind(code: str) -> str:

@@ -1,24 +1,46 @@
-"""Sandbox wrapper: the trusted first code inside a sandboxed process (stdlib only, run with -I).
+"""Sandbox zygote: the trusted code that starts every sandboxed test (stdlib only, run with -I).
 
-Started by :mod:`viscodex_lite.infibench.sandbox` as ``python -I _sandbox_boot.py SPEC`` inside
-fresh network/PID/mount namespaces when available. In order, before any untrusted code runs:
-read the nonce from stdin (then stdin is /dev/null), read the spec, enter the work directory,
-set resource limits, lock the filesystem and TCP with Landlock, drop root to the slot's uid.
-Then it runs the answer and the test, and only if the test program finished without an error
-does it write ``<nonce> passed`` to fd 3 (a pipe the harness reads). Whatever the answer prints
-or however it exits, without the nonce line the harness scores a failure.
+:mod:`viscodex_lite.infibench.sandbox` starts one zygote per worker as ``python -I
+_sandbox_boot.py SOCKET_FD PRELOAD_JSON`` with a clean environment. The zygote imports the
+trusted modules tests use (numpy, pandas, the official helper's stdlib imports), freezes them
+out of the garbage collector, then serves its socket. Per test the harness sends the spec path
+and three fds (stdin holding the nonce, the output pipe, the result pipe) and the zygote forks:
+
+- a *supervisor* (same uid as the harness, never runs untrusted code): own process group, dies
+  with the zygote, closes every inherited fd but the test's four, enters fresh network, PID and
+  mount namespaces, forks the test process, waits for it and exits with its status;
+- the *test process*, PID 1 of the new PID namespace. In order, before any untrusted code runs:
+  die with the supervisor, mount its own /proc, read the nonce (then stdin is /dev/null), read
+  the spec, replace the environment, enter the work directory, set resource limits, lock the
+  filesystem and TCP with Landlock, drop root to the slot's uid. Then it runs the answer and the
+  test, and only if the test program finished without an error does it write ``<nonce> passed``
+  to fd 3 (a pipe the harness reads). Whatever the answer prints or however it exits, without
+  the nonce line the harness scores a failure.
+
+The zygote itself never reads a spec, an answer or a nonce, and never runs untrusted code: every
+test starts from a fresh fork of the same imported state, so nothing one test does reaches the next.
 """
 
 import builtins
 import ctypes
+import gc
+import importlib
 import json
 import os
 import resource
+import select
+import signal
+import socket
 import sys
 
 _write, _close = os.write, os.close  # saved before untrusted code can patch os
 _stdout, _stderr = sys.stdout, sys.stderr
+_libc = ctypes.CDLL(None, use_errno=True)
 RESULT_FD = 3
+TEST_HELPERS = ("unittest", "doctest", "pytest", "_pytest")   # always imported fresh by the test part
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
+PR_SET_PDEATHSIG = 1
 
 
 def _exit(code):
@@ -35,7 +57,7 @@ def _exit(code):
 
 def _landlock(read_paths, write_paths, write_files):
     """Allow reads under ``read_paths``, everything under ``write_paths``; deny other writes and all TCP."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc
     abi = libc.syscall(444, None, 0, 1)  # LANDLOCK_CREATE_RULESET_VERSION
     if abi < 1:
         return []
@@ -76,7 +98,9 @@ def _landlock(read_paths, write_paths, write_files):
     for p in write_files:
         allow(p, file_rights)
     libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
-    if libc.syscall(446, ruleset, 0) != 0:
+    restricted = libc.syscall(446, ruleset, 0) == 0
+    os.close(ruleset)           # the test must not inherit (or add rules to) the ruleset
+    if not restricted:
         return []
     layers = ["landlock-fs"]
     if abi >= 4:
@@ -90,7 +114,7 @@ def _expose(read_paths):
     """In our private mount namespace, let the dropped uid reach ``read_paths`` that sit under a
     directory it cannot enter (e.g. a Python under /root, mode 0700): mount an empty tmpfs over
     that directory and bind back only the needed paths. The rest of it (keys, tokens) stays hidden."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc
     masks = {}
     for path in read_paths:
         parts = os.path.abspath(path).split("/")
@@ -152,7 +176,8 @@ class _LazyHeavy:
 def _run_python(spec, nonce):
     """Official semantics (execution_utils.py:146-154): exec in a fresh ``{}`` globals; any
     BaseException (SystemExit included) fails. The answer part runs first; before the test part
-    the builtins are restored and test helpers the answer imported are re-imported fresh."""
+    the builtins are restored and test helper modules (unittest, ...) are dropped so the test
+    imports them fresh."""
     sys.meta_path.insert(0, _LazyHeavy(spec.get("lazy_modules", [])))
     setup, test = spec["parts"]
     whole = setup + "\n" + test
@@ -166,7 +191,6 @@ def _run_python(spec, nonce):
         print(f"failed: {type(exc)} {exc}", file=sys.stderr)
         _exit(1)
     pristine = dict(builtins.__dict__)
-    modules_before = set(sys.modules)
     namespace = {}
     try:
         for n, code in enumerate(codes):
@@ -175,9 +199,8 @@ def _run_python(spec, nonce):
                 sys.setprofile(None)
                 builtins.__dict__.clear()
                 builtins.__dict__.update(pristine)
-                for name in [m for m in sys.modules if m not in modules_before]:
-                    if name.split(".")[0] in ("unittest", "doctest", "pytest", "_pytest"):
-                        del sys.modules[name]
+                for name in [m for m in sys.modules if m.split(".")[0] in TEST_HELPERS]:
+                    del sys.modules[name]
             exec(code, namespace)
     except BaseException as exc:
         try:
@@ -269,42 +292,192 @@ def _run_cpp(spec, nonce):
 RUNNERS = {"python": _run_python, "javascript": _run_node, "cpp": _run_cpp}
 
 
-def main():
-    result_fd = int(sys.argv[2])
-    if result_fd != RESULT_FD:  # the result pipe always sits on fd 3 (the C++ and node reporters use it)
-        os.dup2(result_fd, RESULT_FD)
-        os.close(result_fd)
-    nonce = sys.stdin.readline().strip()
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    with open(sys.argv[1]) as f:
-        spec = json.load(f)
-    os.chdir(spec["workdir"])
-    lim = spec["limits"]
-    _limit(resource.RLIMIT_CORE, 0)
-    _limit(resource.RLIMIT_CPU, lim["cpu_s"])
-    _limit(resource.RLIMIT_FSIZE, lim["file_size"])
-    _limit(resource.RLIMIT_NOFILE, lim["open_files"])
-    _limit(resource.RLIMIT_AS, lim["memory"])
+# ------------------------------------------------------------------ one test: supervisor and test process
+
+def _namespaces():
+    """Enter fresh network, PID and mount namespaces (inside a new user namespace when that is
+    what this user may do); the PID namespace takes effect for the next fork. Returns the layers."""
+    uid, gid = os.getuid(), os.getgid()
     layers = []
-    if spec.get("uid") is not None and os.getuid() == 0 and spec.get("mount_ns"):
-        if _expose(spec["read_paths"]):
-            layers.append("home-masked")
-    if spec.get("landlock"):
-        layers = _landlock(spec["read_paths"], [spec["workdir"]], [os.devnull])
-        if not layers and spec.get("require_landlock"):
-            print("failed: landlock required but unavailable", file=sys.stderr)
-            _exit(70)
-    uid = spec.get("uid")
-    if uid is not None and os.getuid() == 0:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-        layers.append("uid-drop")
-    _limit(resource.RLIMIT_NPROC, lim["processes"])   # counted per uid: only effective after the drop
+    if _libc.unshare(CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS) == 0:
+        layers = ["netns", "pidns"]
+    elif _libc.unshare(CLONE_NEWUSER) == 0:   # not root: map ourselves to root of a user namespace
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+        if _libc.unshare(CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS) == 0:
+            layers = ["netns", "pidns"]
+        elif _libc.unshare(CLONE_NEWNET) == 0:
+            layers = ["netns"]
+    if "pidns" in layers and _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "cannot make the new mount namespace private")
+    return layers
+
+
+def _supervise(spec_path, fds, zygote_pid):
+    """The forked supervisor of one test: never returns."""
+    try:
+        os.setpgid(0, 0)                                   # the harness kills this group at the end
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != zygote_pid:
+            os._exit(70)
+        stdin, output, result = fds
+        for target, fd in ((0, stdin), (1, output), (2, output), (RESULT_FD, result)):
+            os.dup2(fd, target)
+        os.closerange(RESULT_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # the zygote's socket too
+        layers = _namespaces()
+        alive_r, alive_w = os.pipe()                       # EOF on alive_r = this supervisor is gone
+        pid = os.fork()
+    except BaseException as exc:
+        os.write(2, f"failed: sandbox could not start: {exc}\n".encode())
+        os._exit(70)
+    if pid == 0:
+        os.close(alive_w)
+        _test_process(spec_path, layers, alive_r)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2, RESULT_FD):                        # only the test process holds the pipes
+        os.dup2(devnull, fd)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code < 0:                                           # killed by a signal: die the same way
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code & 0xFF)
+
+
+def _die_with_supervisor(alive_fd):
+    """SIGKILL this process when the supervisor dies (which ends the namespace). The kernel clears
+    this on every uid/gid change, so it is set again after the drop; then a closed ``alive_fd``
+    says whether the supervisor died in between."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if select.select([alive_fd], [], [], 0)[0]:
+        os._exit(70)
+
+
+def _test_process(spec_path, layers, alive_fd):
+    """PID 1 of the test's namespaces: isolate, then run the test. Never returns."""
+    try:
+        _die_with_supervisor(alive_fd)
+        if "pidns" in layers and _libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) != 0:
+            raise OSError(ctypes.get_errno(), "cannot mount /proc for the new PID namespace")
+        nonce = b""
+        while len(nonce) < 4096:
+            chunk = os.read(0, 4096)
+            if not chunk:
+                break
+            nonce += chunk
+        nonce = nonce.decode().strip()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        with open(spec_path) as f:
+            spec = json.load(f)
+        os.environ.clear()                                 # the zygote's was clean too; this one is the test's
+        os.environ.update(spec["env"])
+        if "tempfile" in sys.modules:
+            sys.modules["tempfile"].tempdir = None         # re-read TMPDIR
+        if "numpy.random" in sys.modules:
+            sys.modules["numpy.random"].seed()             # `random` reseeds itself after fork; numpy does not
+        sys.argv[1:] = []
+        os.chdir(spec["workdir"])
+        lim = spec["limits"]
+        _limit(resource.RLIMIT_CORE, 0)
+        _limit(resource.RLIMIT_CPU, lim["cpu_s"])
+        _limit(resource.RLIMIT_FSIZE, lim["file_size"])
+        _limit(resource.RLIMIT_NOFILE, lim["open_files"])
+        _limit(resource.RLIMIT_AS, lim["memory"])
+        uid = spec.get("uid")
+        if uid is not None and os.getuid() == 0 and "pidns" in layers:
+            if _expose(spec["read_paths"]):
+                layers = layers + ["home-masked"]
+        if spec.get("landlock"):
+            layers = layers + _landlock(spec["read_paths"], [spec["workdir"]], [os.devnull])
+        if uid is not None and os.getuid() == 0:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            layers.append("uid-drop")
+        _die_with_supervisor(alive_fd)
+        os.close(alive_fd)
+        _limit(resource.RLIMIT_NPROC, lim["processes"])   # counted per uid: only effective after the drop
+    except BaseException as exc:
+        _write(2, f"failed: sandbox could not start: {exc}\n".encode())
+        _exit(70)
     _write(2, ("[sandbox] " + " ".join(layers) + "\n").encode())
     RUNNERS[spec["language"]](spec, nonce)
 
 
+# ------------------------------------------------------------------ the zygote
+
+def _send(sock, message):
+    sock.send(json.dumps(message).encode())
+
+
+def _serve(sock, spec_path, fds):
+    """Fork one test's supervisor, tell the harness its pid and when it exits; on the harness's
+    word kill its process group, reap it and report its exit status."""
+    zygote_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        _supervise(spec_path, fds, zygote_pid)
+    for fd in fds:
+        os.close(fd)
+    _send(sock, {"pid": pid})
+    try:
+        watch = os.pidfd_open(pid)      # readable once the supervisor exits (Linux >= 5.3)
+    except (AttributeError, OSError):
+        watch = None                    # older kernels: poll
+    exited = False
+    while True:
+        waiting = [sock] if exited or watch is None else [sock, watch]
+        ready = select.select(waiting, [], [], 0.05 if watch is None and not exited else None)[0]
+        if not exited and (watch in ready if watch is not None else
+                           os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)):
+            exited = True
+            _send(sock, {"exited": True})
+        if sock in ready:
+            message = sock.recv(4096)   # "finish" (or EOF: the harness is gone)
+            for kill in (os.killpg, os.kill):   # unreaped, so the pid and group cannot be reused yet
+                try:
+                    kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            if watch is not None:
+                os.close(watch)
+            if not message:
+                os._exit(0)
+            _send(sock, {"status": status})
+            return
+
+
+def zygote(sock_fd, preload):
+    """Import ``preload`` (never the test helpers), then serve ``run`` requests until EOF."""
+    sock = socket.socket(fileno=sock_fd)
+    loaded = []
+    for name in preload:
+        if name.split(".")[0] in TEST_HELPERS:
+            continue
+        try:
+            importlib.import_module(name)
+            loaded.append(name)
+        except Exception:  # noqa: BLE001  (not installed or broken: tests import it themselves)
+            pass
+    gc.collect()
+    gc.freeze()                     # forked tests never walk (and so never copy) the preloaded objects
+    sys.stdout.flush()
+    _send(sock, {"ready": loaded})
+    while True:
+        message, fds, _, _ = socket.recv_fds(sock, 65536, 3)
+        if not message:
+            return
+        request = json.loads(message)
+        if request.get("op") != "run" or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            _send(sock, {"error": "bad request"})
+            continue
+        _serve(sock, request["spec"], fds)
+
+
 if __name__ == "__main__":
-    main()
+    zygote(int(sys.argv[1]), json.loads(sys.argv[2]))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from ..config import secret
 from ..errors import KitError
 from .scorers import ScoringOptions
 
@@ -34,9 +34,8 @@ def _score(args: argparse.Namespace) -> int:
     settings = cases.suite_settings(args.cases)
     judge = None
     if args.judge_url:
-        key = os.environ.get(args.judge_api_key_env) if args.judge_api_key_env else None
-        judge = JudgeClient(args.judge_url, args.judge_model, api_key=key, cache_dir=args.judge_cache,
-                            max_concurrency=args.judge_concurrency)
+        judge = JudgeClient(args.judge_url, args.judge_model, api_key=secret(args.judge_api_key_env),
+                            cache_dir=args.judge_cache, max_concurrency=args.judge_concurrency)
     responses = runner.read_responses(args.responses)
     unknown = sorted(set(responses) - {c.id for c in case_list})
     if unknown:

@@ -1,0 +1,125 @@
+"""The mini family: the shipped checkpoints match their manifest, and the build path works end to end."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from viscodex_lite import probes, zoo
+
+SHIPPED = zoo.default_dir()
+# Greedy decoding of the same weights can flip a rare near-tie on another CPU or BLAS build; one or two
+# of the subset's items is the tolerance.
+TOLERANCE = 0.05
+
+needs_family = pytest.mark.skipif(not (SHIPPED / "manifest.json").is_file(), reason="assets/mini_family not built")
+
+
+@needs_family
+def test_shipped_family_matches_its_hashes():
+    assert zoo.verify_family(SHIPPED) == []
+
+
+@needs_family
+def test_shipped_family_reproduces_manifest_metrics():
+    torch.set_num_threads(2)
+    manifest = zoo.read_manifest(SHIPPED)
+    subset = manifest["test_subset"]
+    measured = probes.probe_family(SHIPPED, n=subset["items"])
+    for model, scores in subset["probes"].items():
+        for probe, values in scores.items():
+            assert abs(measured[model][probe]["pass"] - values["pass"]) <= TOLERANCE, (model, probe, measured[model][probe])
+
+
+@needs_family
+@pytest.mark.xfail(strict=True, reason=(
+    "the shipped family does not reach issue 4's targets yet (measured: |Δ|/|θ| 0.20 for both children, "
+    "code pass 0.585, vlm vision pass 0.075); strict, so this turns red when a rebuilt family does"))
+def test_shipped_family_meets_its_stated_targets():
+    m = zoo.read_manifest(SHIPPED)
+    assert m["delta_norms"]["code"]["all"]["ratio"] <= 0.15
+    assert m["delta_norms"]["vlm"]["all"]["ratio"] <= 0.15
+    assert m["probes"]["code"]["code"]["pass"] >= 0.9
+    assert m["probes"]["vlm"]["vision"]["pass"] >= 0.9
+    assert m["probes"]["base"]["code"]["pass"] <= 0.05 and m["probes"]["base"]["vision"]["pass"] <= 0.05
+
+
+def test_quick_build_writes_loadable_checkpoints(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
+
+    torch.set_num_threads(2)
+    out = tmp_path / "family"
+    manifest = zoo.build_family(out, zoo.RECIPES["quick"], probe_items=2, log=lambda s: None)
+    for name in ("base", "code"):
+        files = {p.name for p in (out / name).iterdir()}
+        assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= files
+        assert type(AutoModelForCausalLM.from_pretrained(out / name)).__name__ == "Qwen2ForCausalLM"
+    assert "processor_config.json" in {p.name for p in (out / "vlm").iterdir()}
+    vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "vlm")
+    base = AutoModelForCausalLM.from_pretrained(out / "base")
+    # rms_norm_eps must agree, or the same language-model weights give other logits in the two classes
+    assert vlm.config.text_config.rms_norm_eps == base.config.rms_norm_eps
+    assert set(zoo.lm_state_of_vlm(vlm.state_dict())) == set(base.state_dict())
+    # the manifest covers every file and records the recipe and the probes
+    assert zoo.verify_family(out) == []
+    assert manifest["recipe"]["name"] == "quick" and set(manifest["probes"]) == {"base", "code", "vlm"}
+    assert manifest["delta_norms"]["code"]["all"]["ratio"] > 0
+    # the processor path works on the saved VLM: an image becomes 16 image tokens
+    proc = zoo.load_processor(out)
+    from viscodex_lite import world
+    ex = zoo.describe_example(world.sample_scenes(0, 1)[0])
+    batch = proc(text=[zoo.prompt_text(proc.tokenizer, ex)], images=[ex.image], return_tensors="pt")
+    assert int((batch["input_ids"] == proc.image_token_id).sum()) == 16
+    # the CLI: list and verify, then tampering is detected
+    assert run_cli(["zoo", "list", "--dir", str(out)]) == 0
+    assert run_cli(["zoo", "verify", "--dir", str(out)]) == 0
+    (out / "code" / "config.json").write_text("{}")
+    assert zoo.verify_family(out) == ["hash differs: code/config.json"]
+    assert run_cli(["zoo", "verify", "--dir", str(out)]) == 1
+
+
+def run_cli(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    zoo.register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_build_is_deterministic_for_a_seed():
+    recipe = zoo.RECIPES["quick"]
+    tok = zoo.build_tokenizer(recipe)
+    assert tok.get_vocab() == zoo.build_tokenizer(recipe).get_vocab()
+    a = zoo.pretrain(tok, recipe, log=lambda s: None).state_dict()
+    b = zoo.pretrain(tok, recipe, log=lambda s: None).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_language_model_of_vlm_gives_identical_text_logits(tmp_path):
+    recipe = zoo.RECIPES["quick"]
+    tok = zoo.build_tokenizer(recipe)
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    vlm = Qwen2_5_VLForConditionalGeneration(zoo.qwen25vl_config(tok, recipe)).eval()
+    lm = probes.language_model_of(vlm)
+    ids = torch.tensor([tok("bar chart: red 3")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(vlm(input_ids=ids).logits, lm(input_ids=ids).logits)
+
+
+def test_delta_norms_per_group():
+    base = {"model.layers.0.mlp.up_proj.weight": torch.ones(2, 2), "lm_head.weight": torch.ones(2)}
+    child = {"model.layers.0.mlp.up_proj.weight": torch.ones(2, 2) * 1.5, "lm_head.weight": torch.ones(2)}
+    norms = zoo.delta_norms(child, base)
+    assert norms["mlp"]["ratio"] == 0.5 and norms["lm_head"]["ratio"] == 0.0
+    assert norms["all"]["delta"] == 1.0
+
+
+def test_missing_family_gives_a_clear_error(tmp_path):
+    with pytest.raises(zoo.ZooError, match="zoo build"):
+        zoo.model_dir("vlm", tmp_path)
+    with pytest.raises(zoo.ZooError, match="no manifest"):
+        zoo.verify_family(tmp_path)
