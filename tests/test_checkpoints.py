@@ -227,20 +227,22 @@ def test_disk_full_names_file_and_tensor(tmp_path, monkeypatch):
             w.write("x", x)
 
 
-def test_atomic_output_dir(tmp_path):
+def test_atomic_dir(tmp_path):
+    from viscodex_lite.atomic import OutputExistsError, atomic_dir
+
     out = tmp_path / "merged"
     with pytest.raises(RuntimeError):
-        with ck.atomic_output_dir(out) as tmp:
+        with atomic_dir(out) as tmp:
             (tmp / "half.safetensors").write_bytes(b"partial")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []  # no output, no temp dir left behind
-    with ck.atomic_output_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         (tmp / "a").write_text("1")
-    assert (out / "a").read_text() == "1" and out.stat().st_mode & 0o777 == 0o777 & ~ck._umask()
-    with pytest.raises(ck.OutputExistsError, match="already exists.*--overwrite"):
-        with ck.atomic_output_dir(out):
+    assert (out / "a").read_text() == "1" and out.stat().st_mode & 0o777 == 0o755
+    with pytest.raises(OutputExistsError, match="already exists.*--overwrite"):
+        with atomic_dir(out):
             pass
-    with ck.atomic_output_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["b"] and [p.name for p in tmp_path.iterdir()] == ["merged"]
 

@@ -8,8 +8,8 @@ Nothing here knows a merge method. Three jobs:
    mapping or loading the file. A safetensors file is an 8-byte little-endian header length, a JSON
    header (``name -> {dtype, shape, data_offsets}``) and the raw tensor bytes, back to back.
 2. **Write by streaming.** :class:`SafetensorsWriter` plans shards and headers from the tensor list
-   first, then appends data chunk by chunk, so no tensor or shard is ever held whole in memory.
-   :func:`atomic_output_dir` makes the output appear under its final name only when complete.
+   first, then appends data chunk by chunk, so no tensor or shard is ever held whole in memory
+   (``atomic.atomic_dir`` makes the output appear under its final name only when complete).
 3. **Check before reading weights.** :func:`preflight` reads ``config.json`` and headers only and
    reports every mismatch (architecture, shapes, vocabulary rows, layer counts, broken headers,
    missing shards, output directory, free space) at once, with a key-coverage report that accounts
@@ -32,12 +32,10 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +46,6 @@ from .errors import KitError
 __all__ = [
     "CheckpointError",
     "PreflightError",
-    "OutputExistsError",
     "TensorInfo",
     "SafetensorsFile",
     "Checkpoint",
@@ -59,7 +56,6 @@ __all__ = [
     "TensorSpec",
     "plan_shards",
     "SafetensorsWriter",
-    "atomic_output_dir",
     "OutputTensor",
     "Coverage",
     "Preflight",
@@ -89,10 +85,6 @@ class CheckpointError(KitError):
 
 class PreflightError(KitError):
     """Preflight found problems; the message lists every one, each with what to do."""
-
-
-class OutputExistsError(KitError):
-    """The output directory exists and overwriting was not asked for."""
 
 
 def _human(nbytes: float) -> str:
@@ -783,42 +775,6 @@ class SafetensorsWriter:
             self.close()
         else:
             self.abort()
-
-
-@contextmanager
-def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out``; rename it to ``out`` only if the block succeeds.
-
-    On any exception (a KitError, a full disk, Ctrl-C) the temporary directory is removed, so a
-    partial output never sits under the final name. ``out`` must not exist unless ``overwrite``.
-
-    >>> import tempfile
-    >>> target = Path(tempfile.mkdtemp()) / "merged"
-    >>> with atomic_output_dir(target) as tmp:
-    ...     _ = (tmp / "a.txt").write_text("done")
-    >>> (target / "a.txt").read_text()
-    'done'
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: output directory already exists. Pass --overwrite (overwrite=True) to replace it, or choose another -o.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the output should be as readable as any dir
-        yield tmp
-        if out.exists():
-            if not overwrite:
-                raise OutputExistsError(f"{out}: appeared while the merge ran; nothing was replaced.")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,9 +67,9 @@ from .checkpoints import (
     SafetensorsWriter,
     TensorInfo,
     _human,
-    atomic_output_dir,
     preflight,
 )
+from .atomic import atomic_dir
 from .errors import KitError
 
 __all__ = ["MergeConfigError", "Method", "METHODS", "MergePlan", "load_plan", "viscodex_plan", "run_merge",
@@ -638,7 +638,7 @@ def run_merge(
         from tqdm.auto import tqdm
 
         total = sum(o.spec.nbytes for o in pre.outputs)
-        with _lean_allocation(), _MemoryWatch() as memory, atomic_output_dir(out, overwrite=overwrite) as tmp, \
+        with _lean_allocation(), _MemoryWatch() as memory, atomic_dir(out, overwrite=overwrite) as tmp, \
                 tqdm(total=total, unit="B", unit_scale=True, desc=f"merge -> {out.name}", disable=not progress) as bar, \
                 ThreadPoolExecutor(workers, thread_name_prefix="merge") as pool:
             for f in pre.donor_files:  # config, tokenizer, processor, chat template: unchanged
