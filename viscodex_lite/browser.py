@@ -38,7 +38,7 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 # Per plotly figure: its id, how many plotly SVG layers it drew and how many traces it holds.
 FIGURES_JS = """Array.from(document.querySelectorAll('.plotly-graph-div')).map(d => ({
   id: d.id, svgs: d.querySelectorAll('.main-svg').length, traces: (d.data || []).length,
-  drawn: d.querySelectorAll('.trace, .barlayer .point, .scatterlayer .lines').length}))"""
+  drawn: d.querySelectorAll('.trace, .barlayer .point, .scatterlayer .lines, .heatmaplayer image').length}))"""
 
 
 class BrowserError(KitError):
