@@ -63,10 +63,13 @@ PLOTLY_MATHJAX_CDN = re.compile(r'<script src="https?://[^"]*/mathjax/[^"]*"></s
 
 
 def offline_outputs(nb) -> int:
-    """Remove plotly's MathJax CDN loader from the HTML outputs of ``nb`` (in place); returns how many."""
-    removed = 0
+    """Remove what would load from the network: plotly's MathJax CDN loader in HTML outputs, and widget
+    state and views (a static page cannot run them; their text fallback stays). In place; returns how many."""
+    removed = int(nb.metadata.pop("widgets", None) is not None)
     for cell in nb.cells:
         for output in cell.get("outputs", []):
+            if output.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None) is not None:
+                removed += 1
             text = output.get("data", {}).get("text/html")
             if isinstance(text, str):
                 output["data"]["text/html"], n = PLOTLY_MATHJAX_CDN.subn("", text)
