@@ -153,6 +153,7 @@ def test_adapter_round_trip_gives_the_same_logits(trained):
     batch = ft.pad_batch([ft.encode_example(proc, ex, max_length=512) for ex in ft.chart_examples(2, seed=50)],
                          proc.tokenizer.pad_token_id)
     batch.pop("labels")
+    batch = {k: v.to(result.model.device) for k, v in batch.items()}  # the model is on the GPU when there is one
     reloaded, _ = ft.load_finetuned(result.adapter_dir)
     result.model.eval()
     with torch.no_grad():

@@ -365,6 +365,8 @@ def saved_activation_bytes(model, batch: dict) -> int:
 
     # Frozen weights are saved by the matmuls too, but they are weights, not activations.
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    device = next(model.parameters()).device  # a QLoRA model sits on the GPU when there is one
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(**batch)
     del out

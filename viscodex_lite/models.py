@@ -61,7 +61,10 @@ def load_processor(path: str | Path):
     if not path.is_dir():
         raise KitError(f"no processor directory at {path}: point to a local VLM checkpoint directory.")
     if importlib.util.find_spec("torchvision") is not None:
-        return AutoProcessor.from_pretrained(path)
+        try:
+            return AutoProcessor.from_pretrained(path)
+        except (OSError, ValueError, TypeError):
+            pass  # e.g. a kit-made directory without video processor files: the image-only one below serves
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
