@@ -14,8 +14,6 @@ the vision tower's number of ``<|image_pad|>`` tokens) and puts labels on the as
 from __future__ import annotations
 
 import collections.abc
-import json
-import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +21,7 @@ from typing import Sequence
 import torch
 
 from .errors import KitError
+from .jsonl import read_jsonl, write_jsonl
 
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -86,38 +85,26 @@ def write_chat_jsonl(examples: Sequence[dict], path: str | Path) -> Path:
     path = Path(path)
     image_dir = path.parent / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
+    records = []
     for i, ex in enumerate(examples):
         names = []
         for j, image in enumerate(ex.get("images", [])):
             name = f"images/{i}-{j}.png"
             image.save(path.parent / name)
             names.append(name)
-        lines.append(json.dumps({"messages": ex["messages"], "images": names}))
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+        records.append({"messages": ex["messages"], "images": names})
+    return write_jsonl(records, path)
 
 
 def read_chat_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
     """Examples from a ``chat_jsonl`` file (images opened lazily by the dataset)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"no chat_jsonl file at {path}.")
     out = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not JSON ({exc}).") from exc
-            rec["images"] = [str(path.parent / p) for p in rec.get("images", [])]
-            out.append(rec)
+    for _, rec in read_jsonl(path, DataError):
+        if limit is not None and len(out) >= limit:
+            break
+        rec["images"] = [str(path.parent / p) for p in rec.get("images", [])]
+        out.append(rec)
     return out
 
 

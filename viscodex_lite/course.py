@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import notebooks
+from .atomic import atomic_path
 from .config import REPO_ROOT
 from .errors import KitError
 
@@ -188,10 +189,8 @@ def build(out_dir: str | Path, source_dir: str | Path = REPO_ROOT / "notebooks")
     finally:
         for tmp in staged.values():
             shutil.rmtree(tmp, ignore_errors=True)
-    readme = out_dir / "README.md"
-    tmp = readme.with_name(".README.md.tmp")
-    tmp.write_text(instructor_readme(found))
-    os.replace(tmp, readme)
+    with atomic_path(out_dir / "README.md") as tmp:
+        tmp.write_text(instructor_readme(found))
     return found
 
 
@@ -415,9 +414,8 @@ def _worker(spec_path: str) -> int:
     record_path = Path(spec["record"])
 
     def save():
-        tmp = record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, record_path)
+        with atomic_path(record_path) as tmp:
+            tmp.write_text(json.dumps(record))
 
     def on_cell_executed(cell, cell_index, execute_reply):
         record["cells"][str(cell_index)] = _cell_record(cell)
@@ -511,10 +509,8 @@ def grade(folder: str | Path, out_dir: str | Path, *, limits: Limits = Limits(),
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_tables(result: GradeResult, out_dir: Path) -> dict[str, Path]:

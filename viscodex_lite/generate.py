@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import KitError
+from .jsonl import read_jsonl
 
 BACKENDS = ("auto", "transformers", "vllm")
 
@@ -134,19 +135,7 @@ def to_request(record: dict, root: str | Path = ".", where: str = "request") -> 
 def read_requests(path: str | Path) -> list[Request]:
     """Read and check a requests JSONL file (one generic record per line; see the module docstring)."""
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise GenerationError(f"cannot read requests file {path} ({exc.strerror}).") from exc
-    requests = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GenerationError(f"{path}:{number}: not valid JSON ({exc.msg}).") from exc
-        requests.append(to_request(record, path.parent, where=f"{path}:{number}"))
+    requests = [to_request(record, path.parent, where=where) for where, record in read_jsonl(path, GenerationError)]
     ids = [r.case_id for r in requests]
     if len(set(ids)) != len(ids):
         duplicates = sorted({i for i in ids if ids.count(i) > 1})

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from .atomic import atomic_path
 from .errors import KitError
 from .mcd import CATEGORIES, IMAGE_PLACEHOLDER, PAPER_MIX, ReleaseWriter, allocate, mix_key
 
@@ -812,9 +813,8 @@ def build(out_dir: str | os.PathLike, n: int = 3000, seed: int = 0, mix: Mapping
         "generators": chosen, "counts": dict(writer.counts), "layout": layout,
         "files": {p.name: _sha256(p) for p in sorted(out_dir.iterdir()) if p.is_file() and p.name.startswith("mcd_")},
     }
-    tmp = out_dir / f".manifest.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / "manifest.json")
+    with atomic_path(out_dir / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     return BuildResult(writer.path, writer.count, dict(writer.counts), time.perf_counter() - start, size, manifest)
 

@@ -20,11 +20,12 @@ import json
 import mimetypes
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import yaml
 
 from ..errors import KitError
+from ..jsonl import read_jsonl
 
 CATEGORIES = ("Front-End", "Data Science & ML", "Back-End", "Mobile & Desktop", "IT Ops")
 GRADING_TYPES = ("keywords", "blank_filling", "unit_test", "similarity", "customized", "judge")
@@ -218,11 +219,15 @@ def load_infibench_v(path: str | Path) -> list[Case]:
         return load_cases(path)
     if path.suffix not in (".json", ".jsonl"):
         raise CaseError(f"{path}: expected a case directory, a suite .yaml, or a .json/.jsonl manifest.")
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise CaseError(f"cannot read {path} ({exc.strerror}); set VISCODEX_LITE_DATA to where InfiBench-V lives.") from exc
-    records = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+    if not path.is_file():
+        raise CaseError(f"no file at {path}: set VISCODEX_LITE_DATA to where InfiBench-V lives.")
+    if path.suffix == ".jsonl":
+        records = [rec for _, rec in read_jsonl(path, CaseError)]
+    else:
+        try:
+            records = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CaseError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}).") from exc
     cases = []
     for n, rec in enumerate(records, 1):
         rec = dict(rec)

@@ -13,15 +13,13 @@ InfiBench-V's judge; ``max_score``/``min_score``; ratio times ``full_score``).
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import KitError
+from ..jsonl import read_jsonl, write_jsonl  # noqa: F401  (write_jsonl: scores are written with it)
 from . import scorers
 from .cases import Case
 from .scorers import OFFICIAL, GradingError, ScoringOptions
@@ -266,41 +264,20 @@ def score_responses(cases: list[Case], responses: dict[str, list[str]], options:
 
 def read_responses(path: str | Path) -> dict[str, list[str]]:
     """``{"case_id", "response"}`` per line -> {case_id: [responses...]} (several lines = several attempts)."""
-    path = Path(path)
     out: dict[str, list[str]] = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise ResponsesError(f"cannot read responses file {path} ({exc.strerror}).") from exc
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            case_id, response = str(rec["case_id"]), rec["response"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ResponsesError(f"{path}:{no}: expected a JSON object with 'case_id' and 'response' ({exc}).") from exc
+    for where, rec in read_jsonl(path, ResponsesError):
+        if "case_id" not in rec or "response" not in rec:
+            raise ResponsesError(f"{where}: expected a JSON object with 'case_id' and 'response'.")
+        response = rec["response"]
         if not isinstance(response, str):
-            raise ResponsesError(f"{path}:{no}: 'response' must be a string, got {type(response).__name__}.")
-        out.setdefault(case_id, []).append(response)
+            raise ResponsesError(f"{where}: 'response' must be a string, got {type(response).__name__}.")
+        out.setdefault(str(rec["case_id"]), []).append(response)
     return out
 
 
-def write_jsonl(records: list[dict], path: str | Path) -> Path:
-    """Write records atomically (temp file in the same directory, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec, default=str) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
-
-
 def read_results(path: str | Path) -> list[CaseResult]:
-    return [CaseResult.from_json(json.loads(l)) for l in Path(path).read_text().splitlines() if l.strip()]
+    """The per-case results a ``score`` run wrote (``write_jsonl`` of ``CaseResult.to_json()``)."""
+    return [CaseResult.from_json(rec) for _, rec in read_jsonl(path, ResponsesError)]
 
 
 def summarize(results: list[CaseResult], by: str | None = None) -> dict[str, dict]:
