@@ -14,9 +14,9 @@ Then, alternating, ``--repeats`` times (medians reported), each in its own proce
 
 - ``read``: a raw read of the LM trio's files (hot page cache), the floor for any merge;
 - ``ours``: the ``merge`` subcommand of ``viscodex_lite.merge`` on the LM trio (same inputs and
-  formula as mergekit), started without the other subcommands' modules;
-- ``ours_cli``: the same through ``python -m viscodex_lite.cli merge``, which today imports every
-  subcommand's module first (nbformat and more: ~1.8 s of CPU at start-up on this machine);
+  formula as mergekit), started without cli.py;
+- ``ours_cli``: the same through ``python -m viscodex_lite.cli merge`` (what ``viscodex-lite merge``
+  runs; cli.py imports only the chosen subcommand's module, so the two should agree);
 - ``mergekit``: ``mergekit-yaml`` 0.1.5 (installed by this script into its own venv), same YAML:
   ``task_arithmetic``, ``dtype: float32``, ``out_dtype: bfloat16``;
 - ``ours_vlm``: the real job, the VLM trio (vision tower copied, names normalized);
@@ -75,7 +75,7 @@ WRAPPER = (
     "                  'maxrss': u.ru_maxrss * 1024,\n"
     "                  'stderr': r.stderr.decode(errors='replace')[-3000:]}))\n"
 )
-OURS = (  # the merge subcommand alone: what `viscodex-lite merge` costs once cli.py imports lazily
+OURS = (  # the merge subcommand alone, without cli.py
     "import argparse, sys\n"
     "from viscodex_lite import merge\n"
     "p = argparse.ArgumentParser(prog='viscodex-lite'); merge.register_cli(p.add_subparsers())\n"
@@ -298,7 +298,8 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
-    print(f"\nmedians of {args.repeats} runs, alternating; peak RSS = the largest of the runs")
+    print(f"\nmedians of {args.repeats} runs, alternating; peak RSS = the largest of the runs; "
+          f"load = mean 1-minute load average over the runs (2 CPUs: {os.cpu_count()})")
     print("| size | inputs (LM / VLM trio) | raw read | ours | mergekit | ours / mergekit | ours / raw read | "
           "ours via cli.py | ours, VLM trio | raw read, VLM trio | load avg |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
