@@ -249,7 +249,7 @@ def main() -> None:
                                                              text=True).stdout, flush=True)
     mergekit = None if args.skip_mergekit else ensure_mergekit(args.mergekit_venv)
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    rows = []
+    rows, spreads = [], []
     try:
         for size in args.sizes:
             d = make_trio(size, args.workdir)
@@ -291,6 +291,9 @@ def main() -> None:
             rss = {k: max(r["maxrss"] for r in v) for k, v in results.items()}
             load = statistics.mean(r["load"] for v in results.values() for r in v)
             rows.append((size, lm_bytes, vlm_bytes, med, cpu, rss, load, check))
+            if mergekit:  # the ratio of the runs of one repetition, which saw about the same load
+                pairs = sorted(o["wall"] / m["wall"] for o, m in zip(results["ours"], results["mergekit"]))
+                spreads.append((size, ", ".join(f"{p:.3f}" for p in pairs)))
             for out in ("out_ours", "out_ours_vlm", "out_mergekit"):
                 shutil.rmtree(d / out, ignore_errors=True)
             if not args.keep:
@@ -299,7 +302,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
     print(f"\nmedians of {args.repeats} runs, alternating; peak RSS = the largest of the runs; "
-          f"load = mean 1-minute load average over the runs (2 CPUs: {os.cpu_count()})")
+          f"load = mean 1-minute load average over the runs ({os.cpu_count()} CPUs)")
     print("| size | inputs (LM / VLM trio) | raw read | ours | mergekit | ours / mergekit | ours / raw read | "
           "ours via cli.py | ours, VLM trio | raw read, VLM trio | load avg |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -321,6 +324,8 @@ def main() -> None:
               f"{gib.get('mergekit', '-')} |")
     for size, *_, check in rows:
         print(f"{size}: ours vs mergekit output: {check}")
+    for size, spread in spreads:
+        print(f"{size}: ours / mergekit within each repetition: {spread}")
 
 
 if __name__ == "__main__":
