@@ -5,7 +5,8 @@ The engine, read top to bottom (:func:`run_merge`):
 1. **plan**: a mergekit-style YAML (:func:`load_plan`) or the VisCodex shortcut (:func:`viscodex_plan`);
 2. **preflight** (``checkpoints.preflight``): configs and headers only, every problem at once;
 3. for each output tensor, **read chunk → call method → write chunk**: the same flat range of every
-   input is read into reused buffers, upcast to float32, passed to the method's pure function,
+   input is read into reused buffers, upcast to float32, passed to the method's pure function
+   (which may compute in those buffers: ``overwrite_models=True``),
    checked for NaN/Inf, rounded once to the output dtype and appended to the streamed safetensors
    file; tensors outside the merge scope (the VLM's vision tower and projector) are copied byte for
    byte. Worker threads prepare the next chunks while this thread writes finished ones in order;
@@ -553,7 +554,8 @@ def _tensor_options(o: OutputTensor, plan: MergePlan, method: Method, pre: Prefl
 def _lean_allocation():
     """Keep per-chunk temporaries out of mmap/munmap and the garbage collector during a merge.
 
-    The method functions allocate a few chunk-sized float32 temporaries per call. Above glibc's
+    TIES and DARE allocate a few chunk-sized float32 temporaries per call (task arithmetic and
+    linear compute in the chunk's own buffers and allocate none). Above glibc's
     128 KB mmap threshold each is a fresh mapping, page-faulted in and unmapped again: on the 0.5B
     benchmark ~300k page faults and ~1 s of system time, against ~50k and ~0.6 s when such
     blocks are reused from the heap. ``gc.freeze()`` keeps the collector from rescanning the
