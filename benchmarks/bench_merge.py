@@ -14,9 +14,9 @@ Then, alternating, ``--repeats`` times (medians reported), each in its own proce
 
 - ``read``: a raw read of the LM trio's files (hot page cache), the floor for any merge;
 - ``ours``: the ``merge`` subcommand of ``viscodex_lite.merge`` on the LM trio (same inputs and
-  formula as mergekit), started without the other subcommands' modules;
-- ``ours_cli``: the same through ``python -m viscodex_lite.cli merge``, which today imports every
-  subcommand's module first (nbformat and more: ~1.8 s of CPU at start-up on this machine);
+  formula as mergekit), started without cli.py;
+- ``ours_cli``: the same through ``python -m viscodex_lite.cli merge`` (what ``viscodex-lite merge``
+  runs; cli.py imports only the chosen subcommand's module, so the two should agree);
 - ``mergekit``: ``mergekit-yaml`` 0.1.5 (installed by this script into its own venv), same YAML:
   ``task_arithmetic``, ``dtype: float32``, ``out_dtype: bfloat16``;
 - ``ours_vlm``: the real job, the VLM trio (vision tower copied, names normalized);
@@ -75,7 +75,7 @@ WRAPPER = (
     "                  'maxrss': u.ru_maxrss * 1024,\n"
     "                  'stderr': r.stderr.decode(errors='replace')[-3000:]}))\n"
 )
-OURS = (  # the merge subcommand alone: what `viscodex-lite merge` costs once cli.py imports lazily
+OURS = (  # the merge subcommand alone, without cli.py
     "import argparse, sys\n"
     "from viscodex_lite import merge\n"
     "p = argparse.ArgumentParser(prog='viscodex-lite'); merge.register_cli(p.add_subparsers())\n"
@@ -249,7 +249,7 @@ def main() -> None:
                                                              text=True).stdout, flush=True)
     mergekit = None if args.skip_mergekit else ensure_mergekit(args.mergekit_venv)
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    rows = []
+    rows, spreads = [], []
     try:
         for size in args.sizes:
             d = make_trio(size, args.workdir)
@@ -291,6 +291,9 @@ def main() -> None:
             rss = {k: max(r["maxrss"] for r in v) for k, v in results.items()}
             load = statistics.mean(r["load"] for v in results.values() for r in v)
             rows.append((size, lm_bytes, vlm_bytes, med, cpu, rss, load, check))
+            if mergekit:  # the ratio of the runs of one repetition, which saw about the same load
+                pairs = sorted(o["wall"] / m["wall"] for o, m in zip(results["ours"], results["mergekit"]))
+                spreads.append((size, ", ".join(f"{p:.3f}" for p in pairs)))
             for out in ("out_ours", "out_ours_vlm", "out_mergekit"):
                 shutil.rmtree(d / out, ignore_errors=True)
             if not args.keep:
@@ -298,7 +301,8 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
-    print(f"\nmedians of {args.repeats} runs, alternating; peak RSS = the largest of the runs")
+    print(f"\nmedians of {args.repeats} runs, alternating; peak RSS = the largest of the runs; "
+          f"load = mean 1-minute load average over the runs ({os.cpu_count()} CPUs)")
     print("| size | inputs (LM / VLM trio) | raw read | ours | mergekit | ours / mergekit | ours / raw read | "
           "ours via cli.py | ours, VLM trio | raw read, VLM trio | load avg |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -320,6 +324,8 @@ def main() -> None:
               f"{gib.get('mergekit', '-')} |")
     for size, *_, check in rows:
         print(f"{size}: ours vs mergekit output: {check}")
+    for size, spread in spreads:
+        print(f"{size}: ours / mergekit within each repetition: {spread}")
 
 
 if __name__ == "__main__":

@@ -370,3 +370,19 @@ def test_inspect_cli(trio, capsys):
     assert cli.main(["inspect", str(trio.vlm)]) == 0
     out = capsys.readouterr().out
     assert "Qwen2_5_VLForConditionalGeneration, disk layout" in out and "headers OK" in out
+
+
+def test_writer_finishes_each_shard_on_disk_before_the_next(tmp_path):
+    state = _state()
+    specs = [ck.TensorSpec(k, ck.DTYPE_NAMES[v.dtype], tuple(v.shape)) for k, v in state.items()]
+    seen: dict[str, int] = {}  # shard name -> its size when the next shard first appeared
+    with ck.SafetensorsWriter(tmp_path, specs, max_shard_bytes=200) as w:
+        for k, v in state.items():
+            for part in v.reshape(-1).split(5):
+                w.write(k, part)
+                shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+                for earlier in shards[:-1]:
+                    seen.setdefault(earlier, (tmp_path / earlier).stat().st_size)
+    final = {p.name: p.stat().st_size for p in tmp_path.glob("model-*.safetensors")}
+    assert len(final) == 3 and len(seen) == 2
+    assert all(seen[name] == final[name] for name in seen)  # complete on disk, not held in memory

@@ -415,3 +415,35 @@ def test_overwrite_replaces_only_when_complete(trio, tmp_path, monkeypatch):
     monkeypatch.undo()
     mg.run_merge(mg.viscodex_plan(trio.vlm, trio.code, trio.base, 0.7), out, progress=False, overwrite=True)
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file() and no_leftovers(tmp_path)
+
+
+def test_overflow_of_finite_weights_is_named(trio, tmp_path):
+    def huge(state):
+        state["model.layers.0.mlp.down_proj.weight"][0, 0] = 3e38  # finite in bf16; twice it is not
+
+    code = _broken_copy(trio.code, tmp_path / "code", huge)
+    config = write_yaml(tmp_path / "ta.yaml", f"""
+merge_method: task_arithmetic
+base_model: {trio.base}
+models:
+  - model: {trio.vlm}
+    parameters: {{weight: 1.0}}
+  - model: {code}
+    parameters: {{weight: 2.0}}
+""")
+    with pytest.raises(mg.NonFiniteError, match=r"merging tensor model.layers.0.mlp.down_proj.weight .*overflowed"):
+        mg.run_merge(mg.load_plan(config), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
+
+
+def test_donor_without_tokenizer_gets_none_invented(trio, tmp_path, capsys):
+    vlm = tmp_path / "vlm_no_tokenizer"
+    shutil.copytree(trio.vlm, vlm, ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt",
+                                                                  "special_tokens_map.json", "added_tokens.json"))
+    out = tmp_path / "out"
+    mg.run_merge(mg.viscodex_plan(vlm, trio.code, trio.base, 0.7), out, progress=False)
+    assert "has no tokenizer files: the output will have none (none is invented)" in capsys.readouterr().err
+    assert not [p.name for p in out.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges"))]
+    for f in vlm.iterdir():  # every donor file that is not a weight file is copied unchanged
+        if f.suffix != ".safetensors" and not f.name.endswith("index.json"):
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name

@@ -124,6 +124,61 @@ def test_identity_laws_bit_exact_in_bf16():
     assert torch.equal(tv.ties(b, [v, v], [1.0, 1.0]).to(torch.bfloat16), v)
 
 
+def _scratch(*xs):
+    """float32 copies the maths may overwrite, as the streaming engine's reused buffers are."""
+    return [x.float().clone() for x in xs]
+
+
+def test_in_place_task_arithmetic_is_one_rounding_from_fp64_and_leaves_inputs_alone():
+    base, (vlm, code, _) = trio(shape=(256, 256), scale=0.02)
+    b, v, c = (t(x, torch.bfloat16) for x in (base, vlm, code))
+    exact = b.double() + 0.7 * (v.double() - b.double()) + 0.3 * (c.double() - b.double())
+    want = exact.to(torch.bfloat16)
+    fb, fv, fc = _scratch(b, v, c)
+    kept = [fb.clone(), fv.clone(), fc.clone()]
+    fresh = tv.task_arithmetic(fb, [fv, fc], [0.7, 0.3])
+    assert all(torch.equal(x, k) for x, k in zip((fb, fv, fc), kept))  # default: inputs untouched
+    got = tv.task_arithmetic(fb, [fv, fc], [0.7, 0.3], overwrite_models=True)
+    assert got.data_ptr() == fv.data_ptr() and torch.equal(fb, kept[0])  # result in a model's memory, base kept
+    assert torch.equal(got.view(torch.int32), fresh.view(torch.int32))  # the same bits either way
+    ulps = bf16_ulp_distance(got.to(torch.bfloat16), want)
+    assert int(ulps.max()) <= 1
+    assert (ulps == 0).float().mean() >= 0.9999
+
+
+@pytest.mark.parametrize("method,kwargs", [
+    ("task_arithmetic", dict(lam=0.8)),
+    ("task_arithmetic", dict(normalize=True)),
+    ("ties", dict(density=0.3)),
+    ("dare_linear", dict(density=0.5, seed=1, name="w", offset=7)),
+    ("dare_ties", dict(density=0.5, seed=1, name="w", normalize=True)),
+])
+def test_overwrite_models_gives_the_same_bits_for_every_method(method, kwargs):
+    base, models = trio()
+    b, m1, m2, m3 = (t(x, torch.bfloat16) for x in (base, *models))
+    weights = [1.0, 0.3, -0.5]
+    want = getattr(tv, method)(b, [m1, m2, m3], weights, **kwargs)
+    fb, *fm = _scratch(b, m1, m2, m3)
+    got = getattr(tv, method)(fb, fm, weights, overwrite_models=True, **kwargs)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    got = tv.linear(_scratch(m1, m2), [0.4, 0.6], overwrite_models=True)
+    assert torch.equal(got.view(torch.int32), tv.linear([m1, m2], [0.4, 0.6]).view(torch.int32))
+
+
+def test_identity_laws_bit_exact_in_place():
+    base, (vlm, code, _) = trio()
+    b, v, c = (t(x, torch.bfloat16) for x in (base, vlm, code))
+
+    def merged(weights, models=(v, c)):
+        fb, *fm = _scratch(b, *models)
+        return tv.task_arithmetic(fb, fm, weights, overwrite_models=True).to(torch.bfloat16)
+
+    assert torch.equal(merged([1.0, 0.0]), v)
+    assert torch.equal(merged([0.0, 1.0]), c)
+    assert torch.equal(merged([0.0, 0.0]), b)
+    assert torch.equal(merged([0.3, 0.7], models=(v, v)), v)
+
+
 def test_taskvector_algebra():
     base = {"a": torch.zeros(3), "b": torch.ones(2)}
     ft1 = {"a": torch.tensor([1.0, 0.0, 0.0]), "b": torch.ones(2)}

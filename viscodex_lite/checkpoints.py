@@ -454,7 +454,7 @@ class Checkpoint:
             unit, (start, stop) = info.row_bytes, rows if rows is not None else (0, info.rows)
         nbytes = (stop - start) * unit
         buffer = out[:nbytes] if out is not None else torch.empty(nbytes, dtype=torch.uint8)
-        if len(buffer) < nbytes:
+        if buffer.numel() < nbytes:
             raise ValueError(f"read {info.name}: buffer of {len(buffer)} bytes, {nbytes} needed")
         if nbytes:
             _pread_into(self._fd(info.file), buffer, info.offset + start * unit, info)

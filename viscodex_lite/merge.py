@@ -5,7 +5,8 @@ The engine, read top to bottom (:func:`run_merge`):
 1. **plan**: a mergekit-style YAML (:func:`load_plan`) or the VisCodex shortcut (:func:`viscodex_plan`);
 2. **preflight** (``checkpoints.preflight``): configs and headers only, every problem at once;
 3. for each output tensor, **read chunk → call method → write chunk**: the same flat range of every
-   input is read into reused buffers, upcast to float32, passed to the method's pure function,
+   input is read into reused buffers, upcast to float32, passed to the method's pure function
+   (which may compute in those buffers: ``overwrite_models=True``),
    checked for NaN/Inf, rounded once to the output dtype and appended to the streamed safetensors
    file; tensors outside the merge scope (the VLM's vision tower and projector) are copied byte for
    byte. Worker threads prepare the next chunks while this thread writes finished ones in order;
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import math
 import os
 import platform
 import queue
@@ -96,7 +98,7 @@ class Method:
     function: Callable
     uses_base: bool
     options: dict[str, str]  # YAML `parameters:` key -> keyword argument of `function`
-    density: bool = False  # takes a `density` (per-model in the YAML)
+    density: bool = False  # takes a `density` (per-model in the YAML): drops entries, so inputs are checked for NaN
     needs_position: bool = False  # takes seed, tensor name and flat offset (chunk-independent DARE masks)
     needs_thresholds: bool = False  # takes per-model magnitude thresholds computed on the whole tensor
 
@@ -472,44 +474,51 @@ def _spans(numel: int, elements: int) -> list[tuple[int, int]]:
     return [(start, min(numel, start + elements)) for start in range(0, numel, elements)] or [(0, 0)]
 
 
-def _check_finite(merged: torch.Tensor, inputs: dict[str, torch.Tensor], out: OutputTensor, span) -> None:
-    """Raise if a chunk or its inputs hold NaN/Inf, naming the input file, tensor and row responsible.
+def _is_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in ``x``: one fast pass (NaN and Inf reach the sum), the exact test only when the
+    sum of finite values overflowed."""
+    return not x.numel() or math.isfinite(x.sum(dtype=torch.float32).item()) or bool(torch.isfinite(x).all())
 
-    Inputs are checked too: trimming (TIES) or dropping (DARE) can hide a NaN from the output.
-    """
-    if merged.numel() == 0:
-        return
-    total = merged.sum(dtype=torch.float32) + sum(x.sum(dtype=torch.float32) for x in inputs.values())
-    if torch.isfinite(total):  # one fast pass each: NaN and Inf reach the sum
-        return
+
+def _check_inputs_finite(inputs: dict[str, torch.Tensor], out: OutputTensor, span) -> None:
+    """Raise if an input chunk holds NaN/Inf, naming the input's file, tensor and row."""
     for label, x in inputs.items():
-        bad = (~torch.isfinite(x)).nonzero()
-        if len(bad):
-            info = out.sources[label]
-            index = span[0] + int(bad[0])
-            row = index // max(1, info.numel // max(1, info.rows))
-            raise NonFiniteError(
-                f"{info.file}: tensor {info.name} (input {label}) holds NaN or Inf (row {row}, flat index {index}). "
-                "The checkpoint is corrupt or was saved after training diverged: use another copy or an earlier one."
-            )
-    if not bool(torch.isfinite(merged).all()):
-        raise NonFiniteError(f"merging tensor {out.name} (flat elements {span[0]}-{span[1]}) overflowed to Inf: "
-                             "check the weights and lambda.")  # else the sums merely overflowed
+        if _is_finite(x):
+            continue
+        index = span[0] + int((~torch.isfinite(x)).nonzero()[0])
+        info = out.sources[label]
+        row = index // max(1, info.numel // max(1, info.rows))
+        raise NonFiniteError(
+            f"{info.file}: tensor {info.name} (input {label}) holds NaN or Inf (row {row}, flat index {index}). "
+            "The checkpoint is corrupt or was saved after training diverged: use another copy or an earlier one."
+        )
 
 
 def _merge_chunk(o: OutputTensor, span, plan: MergePlan, method: Method, options: dict, pre: Preflight,
                  buffers: _Buffers) -> torch.Tensor:
-    """One chunk of a merged tensor: read every input, call the method, check, round once."""
-    inputs = {label: buffers.read_f32(pre.checkpoints[label], o.sources[label], span, label)
-              for label in plan.merge_inputs}
+    """One chunk of a merged tensor: read every input, call the method, check, round once.
+
+    The inputs' float32 buffers are this chunk's scratch: the method computes in them
+    (``overwrite_models=True``), so a chunk allocates nothing for plain task arithmetic.
+    """
+    def read_inputs():
+        return {label: buffers.read_f32(pre.checkpoints[label], o.sources[label], span, label)
+                for label in plan.merge_inputs}
+
+    inputs = read_inputs()
+    if method.density:  # trimming (TIES) or dropping (DARE) can hide a NaN from the output: check inputs
+        _check_inputs_finite(inputs, o, span)
     models = [inputs[label] for label in plan.models]
     if method.needs_position:
         options = dict(options, seed=plan.seed, name=o.name, offset=span[0])
     if method.uses_base:
-        merged = method.function(inputs[plan.base], models, plan.weights, **options)
+        merged = method.function(inputs[plan.base], models, plan.weights, overwrite_models=True, **options)
     else:
-        merged = method.function(models, plan.weights, **options)
-    _check_finite(merged, inputs, o, span)
+        merged = method.function(models, plan.weights, overwrite_models=True, **options)
+    if not _is_finite(merged):  # NaN/Inf propagate through +, -, x: an input, or an overflow
+        _check_inputs_finite(read_inputs(), o, span)  # (read again: the method overwrote them)
+        raise NonFiniteError(f"merging tensor {o.name} (flat elements {span[0]}-{span[1]}) overflowed to Inf: "
+                             "check the weights and lambda.")
     return buffers.out.view(DTYPES[o.dtype])[: merged.numel()].copy_(merged)  # the one rounding
 
 
@@ -517,8 +526,8 @@ def _copy_chunk(o: OutputTensor, span, pre: Preflight, buffers: _Buffers) -> tor
     """One chunk of a tensor copied byte for byte from the donor (float tensors checked for NaN/Inf)."""
     (label, info), = o.sources.items()
     x = pre.checkpoints[label].read(info, out=buffers.raw[label], elements=span)
-    if info.is_float and x.numel() and not torch.isfinite(x.sum(dtype=torch.float32)):
-        _check_finite(x, {label: x.float()}, o, span)
+    if info.is_float and not _is_finite(x):
+        _check_inputs_finite({label: x.float()}, o, span)
     return x
 
 
@@ -545,7 +554,8 @@ def _tensor_options(o: OutputTensor, plan: MergePlan, method: Method, pre: Prefl
 def _lean_allocation():
     """Keep per-chunk temporaries out of mmap/munmap and the garbage collector during a merge.
 
-    The method functions allocate a few chunk-sized float32 temporaries per call. Above glibc's
+    TIES and DARE allocate a few chunk-sized float32 temporaries per call (task arithmetic and
+    linear compute in the chunk's own buffers and allocate none). Above glibc's
     128 KB mmap threshold each is a fresh mapping, page-faulted in and unmapped again: on the 0.5B
     benchmark ~300k page faults and ~1 s of system time, against ~50k and ~0.6 s when such
     blocks are reused from the heap. ``gc.freeze()`` keeps the collector from rescanning the
