@@ -8,10 +8,12 @@ Two halves, as everywhere in the kit:
    the whole model), block pooling of a matrix (:func:`pool_matrix`), value histograms
    (:func:`value_histogram`) and top singular values (:func:`top_singular_values`).
 2. **The streaming driver** (:func:`analyze`): opens the checkpoints lazily with
-   :class:`viscodex_lite.checkpoints.Checkpoint`, walks the tensors one at a time and reads each in
-   chunks of at most ``chunk_mb`` from every model (a worker thread reads the next chunk while a
-   compiled kernel runs over the current one), adding each chunk's sums to the tensor's row. Peak
-   memory is a few chunk buffers, whatever the model size (a 7B trio streams in well under 1 GB).
+   :class:`viscodex_lite.checkpoints.Checkpoint` (headers only) and memory-maps their files
+   read-only; two worker threads take a tensor each and run a compiled kernel (without the GIL) over
+   it in chunks of at most ``chunk_mb``, reading the mapped page cache in place (no copy into
+   buffers), adding each chunk's sums to the tensor's row. A chunk's pages are mapped in one call
+   before the kernel and unmapped after it, so resident memory is a few chunks, whatever the model
+   size (a 7B trio streams in well under 1 GB).
 
 The result is a tidy :class:`pandas.DataFrame`, one row per tensor, that :func:`save_table` and
 :func:`load_table` write and read (``.parquet`` or ``.csv``). Its columns, for models labelled ``a``
