@@ -663,7 +663,7 @@ class _Mapped:
         mm, _ = self._map(info)
         unit = info.torch_dtype.itemsize
         if mm is not None and span[1] > span[0]:
-            _advise(mm, info.offset + span[0] * unit, info.offset + span[1] * unit, mmap.MADV_DONTNEED)
+            _advise(mm, info.offset + span[0] * unit, info.offset + span[1] * unit, MADV_DONTNEED)
 
     def close(self) -> None:
         maps = [mm for mm, _ in self.maps.values() if mm is not None]
@@ -676,6 +676,7 @@ class _Mapped:
 
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; elsewhere pages fault in one by one
+MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)  # None where there is no madvise (Windows)
 
 
 def _advise(mm: mmap.mmap, first: int, last: int, advice: int) -> None:
@@ -683,7 +684,7 @@ def _advise(mm: mmap.mmap, first: int, last: int, advice: int) -> None:
     page = first - first % mmap.PAGESIZE
     try:
         mm.madvise(advice, page, last - page)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):
         pass
 
 
