@@ -251,6 +251,22 @@ def test_big_tensors_use_sampled_or_exact_thresholds(tmp_path):
     assert sampled["tau_sq:a"].iloc[0] == pytest.approx(exact["tau_sq:a"].iloc[0], rel=1e-9)  # only TIES columns differ
 
 
+def test_systematic_sample_thresholds_stay_within_their_error_bound(tmp_path):
+    """A tensor of one chunk: the threshold comes from runs of 8 entries spread over every row. Rows
+    that moved by very different amounts (as trained updates do) must not bias it."""
+    gen = torch.Generator().manual_seed(7)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(600, 250, generator=gen)}
+    row_scale = torch.logspace(-3, 0, 600).reshape(-1, 1)[torch.randperm(600, generator=gen)]
+    moved = {k: v + row_scale * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    paths = [write(tmp_path / n, s) for n, s in (("base", base), ("a", moved))]
+    exact = an.analyze(paths[0], {"a": paths[1]}, densities=(0.2,), sample=None, log=None)
+    sampled = an.analyze(paths[0], {"a": paths[1]}, densities=(0.2,), sample=8192, log=None)
+    assert exact["kept:a@0.2"].iloc[0] == int(0.2 * 600 * 250)
+    # √(0.2·0.8/8192) ≈ 0.0044 with independent entries; runs of 8 at worst √8 times that: 0.0125
+    assert abs(sampled["density:a@0.2"].iloc[0] - 0.2) < 0.0125
+    assert sampled["energy:a@0.2"].iloc[0] == pytest.approx(exact["energy:a@0.2"].iloc[0], abs=0.02)
+
+
 def test_mismatches_are_reported_per_tensor_and_skipped(tmp_path, capsys):
     base = make_state(0, torch.float32)
     model = make_state(1, torch.float32, base)

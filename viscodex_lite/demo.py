@@ -112,6 +112,46 @@ def _step_merge(cfg: config.RunConfig, workdir: Path, state: dict) -> Section:
     return section.code(preflight.getvalue().strip())
 
 
+def _step_analysis(cfg: config.RunConfig, workdir: Path, state: dict) -> Section:
+    """Where the two task vectors live and how they relate, streamed from the trained mini family (the
+    tiny trio when the family is absent); checked against the ‖τ‖ / ‖θ‖ the family's manifest recorded."""
+    from . import analysis
+
+    family = cfg.assets_dir / "mini_family"
+    if (family / "manifest.json").is_file():
+        paths, source = {m: family / m for m in ("base", "vlm", "code")}, f"the mini family ({family.name})"
+    else:
+        trio = state["trio"]
+        paths, source = {"base": trio.base, "vlm": trio.vlm, "code": trio.code}, "the tiny trio (no mini family here)"
+    table = analysis.analyze(paths["base"], {"vlm": paths["vlm"], "code": paths["code"]}, densities=(0.2, 0.5), log=None)
+    whole = analysis.aggregate(table, None).iloc[0]
+    gaps = []
+    if (paths["base"].parent / "manifest.json").is_file():
+        from .zoo import read_manifest
+
+        recorded = read_manifest(paths["base"].parent)["delta_norms"]
+        groups = analysis.aggregate(table, "group")
+        gaps = [abs(float((whole if g == "all" else groups.loc[g])[f"rel:{m}"]) - v["ratio"])
+                for m in ("vlm", "code") for g, v in recorded[m].items()]
+    keep = analysis.lambda_retention(analysis.aggregate(table, None), 0.7).iloc[0]
+    ok = (table["status"] == "ok").any() and all(gap <= 1e-3 for gap in gaps)
+    section = Section("Weight-delta analysis", "ok" if ok else "failed")
+    section.text(f"viscodex_lite.analysis streamed {source} tensor by tensor (memory: a few chunks, whatever the size)"
+                 + (f"; per-group ‖τ‖ / ‖θ_base‖ match the manifest to {max(gaps):.1e}." if gaps else "."))
+    section.table([
+        {"measure": "‖τ_vlm‖ / ‖θ_base‖, ‖τ_code‖ / ‖θ_base‖", "value": f"{whole['rel:vlm']:.4f}, {whole['rel:code']:.4f}"},
+        {"measure": "cos(τ_vlm, τ_code) over the language model", "value": f"{whole['cos:vlm~code']:+.4f}"},
+        {"measure": "sign conflicts among entries both changed (chance 0.5)", "value": f"{whole['conflict:vlm~code']:.3f}"},
+        {"measure": "TIES at density 0.5: overlap of the kept sets (chance 0.5)", "value": f"{whole['overlap:vlm~code@0.5']:.3f}"},
+        {"measure": "TIES at density 0.5: entries whose sign election drops a value", "value":
+            f"{whole['kept_conflicts:vlm~code@0.5'] / whole['numel']:.1%}"},
+        {"measure": "merge at λ = 0.7 keeps of τ_vlm, of τ_code", "value": f"{keep['keep:vlm']:.3f}, {keep['keep:code']:.3f}"},
+    ])
+    section.figure(viz.per_layer_figure(table, ["rel:vlm", "rel:code"], title="‖τ‖ / ‖θ_base‖ per layer",
+                                        y_title="relative change"))
+    return section.figure(viz.layer_module_heatmap(table, "cos:vlm~code"))
+
+
 def _step_finetune(cfg: config.RunConfig, workdir: Path, state: dict) -> Section:
     """QLoRA of the merged model's language model with the kit's tiny CPU config (vision frozen)."""
     import contextlib
@@ -181,7 +221,7 @@ PIPELINE = [
     ("Setup check", _step_setup, None),
     ("Task arithmetic on a tiny Qwen2 / Qwen2.5-VL trio", _step_task_arithmetic, None),
     ("Preflight and streaming merge (paper's λ grid)", _step_merge, "viscodex_lite.merge"),
-    ("Weight-delta analysis", None, "viscodex_lite.analysis"),
+    ("Weight-delta analysis", _step_analysis, "viscodex_lite.analysis"),
     ("QLoRA fine-tuning on chart-to-code examples", _step_finetune, "viscodex_lite.finetune"),
     ("Generation on the InfiBench-V sample", _step_generate, "viscodex_lite.infibench"),
     ("InfiBench-V scoring", _step_score, "viscodex_lite.infibench"),
