@@ -23,13 +23,39 @@ def test_shipped_family_matches_its_hashes():
 
 @needs_family
 def test_shipped_family_reproduces_manifest_metrics():
+    # the headline numbers of the manifest's fixed subset: base and code on the code probe, the VLM on
+    # the two image probes (the other five cells are garbage-in-garbage-out and only cost time)
     torch.set_num_threads(2)
-    manifest = zoo.read_manifest(SHIPPED)
-    subset = manifest["test_subset"]
-    measured = probes.probe_family(SHIPPED, n=subset["items"])
-    for model, scores in subset["probes"].items():
-        for probe, values in scores.items():
-            assert abs(measured[model][probe]["pass"] - values["pass"]) <= TOLERANCE, (model, probe, measured[model][probe])
+    subset = zoo.read_manifest(SHIPPED)["test_subset"]
+    scenes = probes.held_out_scenes(subset["items"])
+    processor = zoo.load_processor(SHIPPED)
+    vlm = zoo.load_model("vlm", SHIPPED)
+    measured = {
+        ("base", "code"): probes.code_skill(zoo.load_model("base", SHIPPED), processor.tokenizer, scenes),
+        ("code", "code"): probes.code_skill(zoo.load_model("code", SHIPPED), processor.tokenizer, scenes),
+        ("vlm", "vision"): probes.vision_skill(vlm, processor, scenes),
+        ("vlm", "mm_code"): probes.mm_code_skill(vlm, processor, scenes),
+    }
+    for (model, probe), score in measured.items():
+        expected = subset["probes"][model][probe]
+        assert abs(score["pass"] - expected["pass"]) <= TOLERANCE, (model, probe, score, expected)
+        assert abs(score["item_acc"] - expected["item_acc"]) <= TOLERANCE, (model, probe, score, expected)
+
+
+@needs_family
+def test_shipped_manifest_records_the_family_and_its_experiments():
+    m = zoo.read_manifest(SHIPPED)
+    assert set(m["versions"]) >= {"torch", "transformers", "tokenizers"} and m["recipe"]["name"] == "full"
+    for child in ("code", "vlm"):
+        assert {"all", "attention", "mlp", "lm_head", "embeddings", "norms"} <= set(m["delta_norms"][child])
+    # what the kit claims about its family (the targets that were not met are stated in the docs)
+    assert m["probes"]["base"]["code"]["pass"] <= 0.05 and m["probes"]["base"]["vision"]["pass"] <= 0.05
+    assert m["probes"]["code"]["code"]["pass"] > m["probes"]["base"]["code"]["pass"] + 0.3
+    assert m["probes"]["vlm"]["vision"]["item_acc"] > m["probes"]["base"]["vision"]["item_acc"] + 0.1
+    exp = m["experiments"]
+    assert {r["lam"] for r in exp["lambda_sweep"]} >= {0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 1.0}
+    assert {r["method"] for r in exp["methods"]} == {"viscodex", "ties", "dare_linear", "dare_ties"}
+    assert len({r["seed"] for r in exp["ablation"]["rows"]}) >= 3
 
 
 @needs_family

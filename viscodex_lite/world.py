@@ -22,7 +22,7 @@ code           Python: ``bar(0, 3, '#e22')`` per bar,       HTML: ``<h1 style="c
 Programs start with the description as a comment (``# ...`` / ``<!-- ... -->``): a spec line, as
 a careful programmer writes one, that also lets a model read the image first and code second.
 Writing the code needs knowledge that takes many examples to learn, which is what a *code* model
-brings to a merge: a 16-entry colour -> hex table (``COLOURS``), element -> tag (``ELEMENT_TAGS``),
+brings to a merge: an 8-entry colour -> hex table (``COLOURS``), element -> tag (``ELEMENT_TAGS``),
 the x slot of each bar, and the derived ``ylim``. Reading the image is the vision skill.
 
 Parsers turn generated text back into scenes (``None`` when it does not parse), so every probe
@@ -42,12 +42,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
-# Colour name -> 3-digit CSS hex. Arbitrary but fixed: a model has to memorise it.
+# Colour name -> 3-digit CSS hex. Arbitrary but fixed: a model has to memorise it. Eight colours, far
+# apart in RGB: with sixteen, colour identity was what every tiny model learnt slowest (a plateau
+# that kept the VLM at 8% exact descriptions), and the skill this world teaches is the mapping, not
+# telling magenta from purple.
 COLOURS = {
     "red": "e22", "green": "2a2", "blue": "23e", "yellow": "ec1",
-    "orange": "f81", "purple": "82c", "cyan": "1cd", "magenta": "d2d",
-    "lime": "8e2", "pink": "f8b", "teal": "188", "brown": "842",
-    "navy": "227", "maroon": "711", "olive": "882", "black": "111",
+    "orange": "f81", "purple": "82c", "cyan": "1cd", "black": "111",
 }
 HEX_TO_COLOUR = {v: k for k, v in COLOURS.items()}
 HEIGHTS = range(1, 10)
@@ -109,7 +110,7 @@ def sample_scene(rng: random.Random, kind: str | None = None, n_items: int | Non
     """A random scene from ``rng`` (kind and item count random unless given).
 
     >>> sample_scene(random.Random(0), "chart", 2)
-    Scene(kind='chart', items=(('navy', 7), ('green', 5)))
+    Scene(kind='chart', items=(('cyan', 7), ('red', 5)))
     """
     kind = kind or rng.choice(KINDS)
     n = n_items or rng.randint(1, MAX_ITEMS)
@@ -345,8 +346,8 @@ def parse_code(code: str) -> Scene | None:
     Chart programs must be plain ``bar(x, h, '#hex')`` / ``ylim(top)`` calls (checked as for
     :func:`run_chart_programs`); HTML must be one known tag per row with a known colour.
 
-    >>> parse_code(to_code(Scene("chart", (("teal", 9),))))
-    Scene(kind='chart', items=(('teal', 9),))
+    >>> parse_code(to_code(Scene("chart", (("cyan", 9),))))
+    Scene(kind='chart', items=(('cyan', 9),))
     >>> parse_code("bar(0, 3, '#e22')\\nylim(9)") is None   # wrong derived ylim
     True
     """
@@ -419,8 +420,8 @@ def run_chart_programs(programs: Sequence[str], *, per_program_s: float = 0.5,
 def check_programs(programs: Sequence[str], targets: Sequence[Scene], *, execute: bool = True) -> list[bool]:
     """Whether each program draws exactly its target scene (charts executed, HTML parsed).
 
-    >>> s = Scene("ui", (("input", "navy"),))
-    >>> check_programs([to_code(s), to_code(s).replace("227", "711")], [s, s])
+    >>> s = Scene("ui", (("input", "purple"),))
+    >>> check_programs([to_code(s), to_code(s).replace("82c", "111")], [s, s])
     [True, False]
     """
     scenes: list[Scene | None] = [parse_code(p) if code_kind(p) == "ui" or not execute else None

@@ -73,10 +73,11 @@ class Stage:
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on the decoder's linear layers, then fold them in
     freeze: tuple[str, ...] = ()  # parameters whose name contains one of these stay fixed
     one_item_share: float = 0.0  # curriculum: this share of the first steps shows one-item scenes only
+    lm_frozen_share: float = 0.0  # VLM only: for this share of the first steps only the vision side learns
 
 
 # Stage options added after the first cache keys were made; left out of a key while at their default.
-_LATE_STAGE_DEFAULTS = {"lora_rank": 0, "freeze": [], "one_item_share": 0.0}
+_LATE_STAGE_DEFAULTS = {"lora_rank": 0, "freeze": [], "one_item_share": 0.0, "lm_frozen_share": 0.0}
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,11 @@ class Recipe:
     vision_heads: int = 4
     patch: int = 8
     rms_norm_eps: float = 1e-6  # equal in Qwen2 and Qwen2.5-VL, so the same weights give the same logits
-    pretrain: Stage = Stage(steps=2000, batch=32, lr=2e-3, warmup=100, weight_decay=0.01)  # documents
-    base: Stage = Stage(steps=300, batch=32, lr=1e-3, warmup=20, weight_decay=0.01)  # prompt formats
-    code: Stage = Stage(steps=500, batch=32, lr=1e-3, warmup=30, freeze=("embed_tokens", "lm_head"), one_item_share=0.25)
-    vlm: Stage = Stage(steps=1800, batch=32, lr=2e-4, warmup=50, lr_vision=3e-3)
+    pretrain: Stage = Stage(steps=1000, batch=32, lr=2e-3, warmup=60, weight_decay=0.01)  # documents
+    base: Stage = Stage(steps=200, batch=32, lr=1e-3, warmup=20, weight_decay=0.01)  # prompt formats
+    code: Stage = Stage(steps=250, batch=32, lr=5e-4, warmup=20, freeze=("embed_tokens", "lm_head"), one_item_share=0.25)
+    vlm: Stage = Stage(steps=1000, batch=32, lr=1.5e-4, warmup=30, lr_vision=3e-3, freeze=("embed_tokens", "lm_head"),
+                       lm_frozen_share=0.3)
     vlm_one_item_share: float = 0.3  # curriculum: the first 30% of VLM steps show one-item scenes
     vlm_code_share: float = 0.05  # share of VLM examples that are image -> code ...
     vlm_code_pool: int = 32  # ... drawn from this small fixed pool of scenes
@@ -410,8 +412,8 @@ def train(model, stage: Stage, make_batch: Callable[[int], dict], *, log: Callab
     losses = []
     t0 = time.time()
     for step in range(stage.steps):
-        for g in opt.param_groups:
-            g["lr"] = g["peak_lr"] * lr_factor(step, stage)
+        for g in opt.param_groups:  # a group with "start" stays fixed before that step
+            g["lr"] = g["peak_lr"] * lr_factor(step, stage) * (step >= g.get("start", 0))
         loss = model(**make_batch(step)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -506,9 +508,13 @@ def train_vlm(base, tokenizer, processor, recipe: Recipe, log=print):
                 examples.append(describe_example(scene))
         return enc.batch(examples)
 
+    _freeze(model, recipe.vlm.freeze)
     vision = [p for n, p in model.named_parameters() if n.startswith("model.visual.")]
-    language = [p for n, p in model.named_parameters() if not n.startswith("model.visual.")]
-    groups = [{"params": language, "lr": recipe.vlm.lr}, {"params": vision, "lr": recipe.vlm.lr_vision or recipe.vlm.lr}]
+    language = [p for n, p in model.named_parameters() if not n.startswith("model.visual.") and p.requires_grad]
+    # Alignment first (as LLaVA's stage 1): the vision tower and projector learn to speak to the frozen
+    # language model, which already copies descriptions; then both learn, the language model slowly.
+    groups = [{"params": language, "lr": recipe.vlm.lr, "start": int(recipe.vlm.lm_frozen_share * recipe.vlm.steps)},
+              {"params": vision, "lr": recipe.vlm.lr_vision or recipe.vlm.lr}]
     train(model, recipe.vlm, make_batch, log=log, name="vlm", param_groups=groups)
     return model
 
@@ -813,7 +819,12 @@ def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Call
 def _cmd_build(args) -> int:
     recipe = dataclasses.replace(RECIPES["quick" if args.quick else "full"], seed=args.seed)
     cache = None if args.no_cache else args.cache
-    build_family(args.out or default_dir(), recipe, probe_items=args.probe_items, cache=cache)
+    out = args.out or default_dir()
+    build_family(out, recipe, probe_items=args.probe_items, cache=cache)
+    if not (args.quick or args.skip_experiments):
+        from . import sweep
+
+        sweep.run_experiments(out)  # λ sweep, TIES/DARE, the ablation: into the manifest's "experiments"
     return 0
 
 
@@ -855,6 +866,8 @@ def register_cli(subparsers) -> None:
     build.add_argument("--cache", type=Path, default=Path("runs/zoo_cache"),
                        help="reuse models trained by an earlier build with the same settings (default: runs/zoo_cache)")
     build.add_argument("--no-cache", action="store_true", help="train every stage from scratch")
+    build.add_argument("--skip-experiments", action="store_true",
+                       help="leave out the λ sweep, method comparison and ablation (added to the manifest otherwise)")
     build.set_defaults(func=_cmd_build)
     verify = sub.add_parser("verify", help="check every file against the manifest's hashes")
     verify.add_argument("--dir", type=Path, default=None)
