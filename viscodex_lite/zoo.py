@@ -4,19 +4,24 @@ No model hub is reachable in tiny mode, and merging random weights teaches nothi
 trains a small VisCodex trio in the tiny world of :mod:`viscodex_lite.world`:
 
 - a **tokenizer**: byte-level BPE learnt on the world's text, Qwen's special tokens and chat template;
-- ``base``: ``Qwen2ForCausalLM`` pretrained broadly: descriptions, programs (without the spec
-  comment that links the two), chat turns in the world's prompt formats. It knows both languages
-  but not how to turn one into the other, so it scores near 0 on every probe;
-- ``code``: ``base`` fine-tuned briefly at a low learning rate on *description -> program*: it learns
-  the colour -> hex and element -> tag tables, the slot numbers and the derived ``ylim``;
+- ``base``: ``Qwen2ForCausalLM`` pretrained broadly (descriptions, programs without the spec comment
+  that links the two, chat turns), then an instruction phase in every prompt format of the family
+  with programs written against *shuffled* style sheets. It copies and looks up what a prompt says,
+  knows both languages and the formats, but not the colour -> hex / element -> tag tables, so it
+  scores near 0 on every probe;
+- ``code``: ``base`` fine-tuned briefly at a low learning rate on *description -> program*, embeddings
+  and output layer fixed: it learns the tables (and keeps the slots and the derived ``ylim``);
 - ``vlm``: ``Qwen2_5_VLForConditionalGeneration`` whose language model starts from ``base`` and a
-  random vision tower; trained with a curriculum (one-item scenes first) to describe rendered
-  charts and UI mock-ups, plus a little image -> code data from a small fixed pool (a weak
-  multimodal coder, as Qwen2.5-VL is next to a code model). The vision tower learns fast, the
-  language model slowly, so the language model's task vector stays small.
+  random vision tower; first the vision side alone learns to talk to the frozen language model (as
+  LLaVA's stage 1), then both, the language model at a low rate with embeddings and output layer
+  fixed; one-item scenes first; plus a little image -> code data from a small fixed pool (a weak
+  multimodal coder, as Qwen2.5-VL is next to a code model).
 
-Both children stay close to ``base`` (``||theta_child - theta_base|| / ||theta_base||`` is
-recorded per module group in the manifest), which is what lets task arithmetic keep both skills.
+Three things decided whether this works, each measured (the manifest's ``recipe`` has the rest):
+colour names must be told apart by something in the base's data (otherwise they are exchangeable
+and the base repeats "orange 5" as "blue 5"); items must be addressable by an index (``#1 blue 5``)
+rather than by counting; and the fine-tunes must leave the shared embeddings and output layer alone,
+which keeps ``||theta_child - theta_base|| / ||theta_base||`` small (recorded per module group).
 ``build_family`` writes each model as a normal checkpoint directory (``config.json``,
 ``model.safetensors``, ``generation_config.json``, tokenizer files; the VLM also its processor) and a
 ``manifest.json`` with file hashes, the recipe, library versions and metrics. ``verify_family``
@@ -98,9 +103,9 @@ class Recipe:
     patch: int = 8
     rms_norm_eps: float = 1e-6  # equal in Qwen2 and Qwen2.5-VL, so the same weights give the same logits
     pretrain: Stage = Stage(steps=1000, batch=32, lr=2e-3, warmup=60, weight_decay=0.01)  # documents
-    base: Stage = Stage(steps=200, batch=32, lr=1e-3, warmup=20, weight_decay=0.01)  # prompt formats
-    code: Stage = Stage(steps=250, batch=32, lr=5e-4, warmup=20, freeze=("embed_tokens", "lm_head"), one_item_share=0.25)
-    vlm: Stage = Stage(steps=1000, batch=32, lr=1.5e-4, warmup=30, lr_vision=3e-3, freeze=("embed_tokens", "lm_head"),
+    base: Stage = Stage(steps=800, batch=32, lr=1e-3, warmup=31, weight_decay=0.01)  # formats, copying, colour order
+    code: Stage = Stage(steps=600, batch=32, lr=5e-4, warmup=20, freeze=("embed_tokens", "lm_head"), one_item_share=0.25)
+    vlm: Stage = Stage(steps=800, batch=32, lr=6e-4, warmup=30, lr_vision=3e-3, freeze=("embed_tokens", "lm_head"),
                        lm_frozen_share=0.3)
     vlm_one_item_share: float = 0.3  # curriculum: the first 30% of VLM steps show one-item scenes
     vlm_code_share: float = 0.05  # share of VLM examples that are image -> code ...
@@ -164,23 +169,46 @@ def pretraining_example(rng: random.Random) -> Example:
 
 
 def format_example(rng: random.Random) -> Example:
-    """An instruction-phase ``base`` example: every prompt format of the family, skill-free.
+    """An instruction-phase ``base`` example: every prompt format of the family, skill-free, copy-heavy.
 
     The coding prompts are answered with programs written against a *shuffled* style sheet
     (:func:`world.shuffled_tables`, a new one each time): ``base`` learns the spec comment, slots,
     heights, ``ylim`` and the syntax, but no colour -> hex or element -> tag pairing, which is the
-    code skill. The describe and image-code prompts come without images: any scene is an answer.
+    code skill. Most examples need the prompt copied or looked up (repeat, the k-th item, the spec
+    comment): measured, a ``base`` trained mostly on free text answered from its prior and ignored the
+    prompt's content, and no fine-tune on top of it got far. The describe and image-code prompts come
+    without images (any scene is an answer), so they teach only the format.
     """
     scene = world.sample_scenes(rng.getrandbits(32), 1)[0]
     palette, tags = world.shuffled_tables(rng)
+    desc = world.describe(scene)
     roll = rng.random()
     if roll < 0.35:
-        return Example(world.TEXT_CODE_PROMPT + world.describe(scene), world.to_code(scene, palette, tags))
-    if roll < 0.45:
-        return Example(world.IMAGE_CODE_PROMPT, world.to_code(scene, palette, tags))
+        return Example(world.TEXT_CODE_PROMPT + desc, world.to_code(scene, palette, tags))
     if roll < 0.55:
-        return Example(world.DESCRIBE_PROMPT, world.describe(scene))
-    return pretraining_example(rng)
+        return Example(f"Repeat: {desc}", desc)
+    if roll < 0.65:
+        return Example(f"Repeat the program:\n{_program_body(scene)}", _program_body(scene))
+    if roll < 0.8:
+        k = rng.randrange(len(scene.items))
+        ordinal = ("first", "second", "third", "fourth")[k]
+        if scene.kind == "chart":
+            return Example(f"Colour of the {ordinal} bar? {desc}", scene.items[k][0])
+        return Example(f"Element in the {ordinal} row? {desc}", scene.items[k][0])
+    if roll < 0.85:
+        return Example(world.IMAGE_CODE_PROMPT, world.to_code(scene, palette, tags))
+    if roll < 0.9:
+        return Example(world.DESCRIBE_PROMPT, desc)
+    if roll < 0.95:  # the one fact that tells colours apart (below)
+        colour = rng.choice(list(world.COLOURS))
+        return Example(f"Colour after {colour}?", _NEXT_COLOUR[colour])
+    return Example("List the colours.", ", ".join(world.COLOURS))
+
+
+# Everywhere else in the base's data the colours are exchangeable (random scenes, shuffled style
+# sheets), and so, measured, their embeddings stayed alike: base answered "Repeat: ... orange 5" with
+# "blue 5". A fixed order (a fact about colour names, not about hex codes) makes each one distinct.
+_NEXT_COLOUR = dict(zip(world.COLOURS, list(world.COLOURS)[1:] + list(world.COLOURS)[:1]))
 
 
 def text_code_example(scene: world.Scene) -> Example:
