@@ -59,16 +59,43 @@ def test_shipped_manifest_records_the_family_and_its_experiments():
 
 
 @needs_family
-@pytest.mark.xfail(strict=True, reason=(
-    "the shipped family does not reach issue 4's targets yet (measured: |Δ|/|θ| 0.20 for both children, "
-    "code pass 0.585, vlm vision pass 0.075); strict, so this turns red when a rebuilt family does"))
-def test_shipped_family_meets_its_stated_targets():
+def test_shipped_family_meets_the_targets_it_reaches():
     m = zoo.read_manifest(SHIPPED)
     assert m["delta_norms"]["code"]["all"]["ratio"] <= 0.15
     assert m["delta_norms"]["vlm"]["all"]["ratio"] <= 0.15
-    assert m["probes"]["code"]["code"]["pass"] >= 0.9
-    assert m["probes"]["vlm"]["vision"]["pass"] >= 0.9
     assert m["probes"]["base"]["code"]["pass"] <= 0.05 and m["probes"]["base"]["vision"]["pass"] <= 0.05
+    # the paper's ablation in miniature: after the same image -> code fine-tune, the merged start is ahead on
+    # mean pass rate (3 seeds, both budgets) and has the lower training loss in every seed
+    for key in ("ablation", "ablation_long"):
+        run = m["experiments"][key]
+        assert run["summary"]["merged"]["mean"] > run["summary"]["vlm"]["mean"], key
+        loss = {(r["seed"], r["start"]): r["final_loss"] for r in run["rows"]}
+        assert all(loss[seed, "merged"] < loss[seed, "vlm"] for seed, _ in loss), key
+
+
+def _kept_by_best_lambda(m) -> float:
+    rows = {r["lam"]: r for r in m["experiments"]["lambda_sweep"]}
+    return max(min(r["code_pass"] / rows[0.0]["code_pass"], r["vision_pass"] / rows[1.0]["vision_pass"])
+               for r in rows.values())
+
+
+# Issue 4's targets that the shipped family misses, each with what was measured; strict, so a rebuilt family that
+# reaches one turns its case red (then move it into the test above).
+MISSED_TARGETS = {
+    "code model passes >= 90% (measured 0.87)": lambda m: m["probes"]["code"]["code"]["pass"] >= 0.9,
+    "VLM describes >= 90% exactly (measured 0.74)": lambda m: m["probes"]["vlm"]["vision"]["pass"] >= 0.9,
+    "some λ keeps >= 80% of both skills (measured: at best 0.20)": lambda m: _kept_by_best_lambda(m) >= 0.8,
+    "merged beats both parents on multimodal coding zero-shot (measured: <= 0.01 at every λ)": lambda m: any(
+        r["mm_code_pass"] > max(m["probes"]["code"]["mm_code"]["pass"], m["probes"]["vlm"]["mm_code"]["pass"]) + 0.05
+        for r in m["experiments"]["lambda_sweep"]),
+}
+
+
+@needs_family
+@pytest.mark.xfail(strict=True, reason="a target the shipped family misses (measured numbers in the case's name)")
+@pytest.mark.parametrize("target", list(MISSED_TARGETS))
+def test_shipped_family_misses_these_targets(target):
+    assert MISSED_TARGETS[target](zoo.read_manifest(SHIPPED))
 
 
 def test_quick_build_writes_loadable_checkpoints(tmp_path):
