@@ -48,7 +48,8 @@ def test_description_round_trip():
     for scene in some_scenes():
         assert world.parse_description(world.describe(scene)) == scene
     for junk in ["", "bar chart:", "bar chart: red", "bar chart: red 3,blue 5", "page: header", "page: header crimson",
-                 "bar chart: red 3, blue 5, red 1, red 2, red 4"]:
+                 "bar chart: #0 red 3, #1 blue 5, #2 red 1, #3 red 2, #4 red 4", "bar chart: red 3, blue 5",
+                 "bar chart: #1 red 3", "bar chart: #0 red 3,#1 blue 5"]:
         assert world.parse_description(junk) is None, junk
 
 

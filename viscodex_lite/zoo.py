@@ -22,6 +22,11 @@ colour names must be told apart by something in the base's data (otherwise they 
 and the base repeats "orange 5" as "blue 5"); items must be addressable by an index (``#1 blue 5``)
 rather than by counting; and the fine-tunes must leave the shared embeddings and output layer alone,
 which keeps ``||theta_child - theta_base|| / ||theta_base||`` small (recorded per module group).
+
+The shipped family (manifest, 100 held-out scenes): code 0.87 pass, VLM 0.74 exact descriptions,
+base <= 0.03, deltas 0.144 / 0.102 of the base's norm. It does not merge well zero-shot: no λ keeps
+80 % of both skills, because each skill needs nearly its whole task vector (0.3·τ_code alone passes
+13 %); after the same short image -> code fine-tune the merged start is ahead of the VLM start.
 ``build_family`` writes each model as a normal checkpoint directory (``config.json``,
 ``model.safetensors``, ``generation_config.json``, tokenizer files; the VLM also its processor) and a
 ``manifest.json`` with file hashes, the recipe, library versions and metrics. ``verify_family``
