@@ -48,7 +48,8 @@ def test_description_round_trip():
     for scene in some_scenes():
         assert world.parse_description(world.describe(scene)) == scene
     for junk in ["", "bar chart:", "bar chart: red", "bar chart: red 3,blue 5", "page: header", "page: header crimson",
-                 "bar chart: red 3, blue 5, red 1, red 2, red 4"]:
+                 "bar chart: #0 red 3, #1 blue 5, #2 red 1, #3 red 2, #4 red 4", "bar chart: red 3, blue 5",
+                 "bar chart: #1 red 3", "bar chart: #0 red 3,#1 blue 5"]:
         assert world.parse_description(junk) is None, junk
 
 
@@ -76,7 +77,7 @@ def test_wrong_programs_fail():
         "while True:\n    pass",  # timeout
     ]
     assert world.check_programs(wrong, [scene] * len(wrong)) == [False] * len(wrong)
-    ui = Scene("ui", (("header", "red"), ("text", "lime")))
+    ui = Scene("ui", (("header", "red"), ("text", "yellow")))
     ui_wrong = [world.to_code(ui).replace("<p", "<h1").replace("</p>", "</h1>"), "<div>", "<h1 style='color:#000'>"]
     assert world.check_programs(ui_wrong, [ui] * 3) == [False] * 3
 
@@ -90,21 +91,21 @@ def test_executed_programs_may_compute():
 
 
 def test_render_draws_the_facts():
-    chart = Scene("chart", (("red", 3), ("navy", 9)))
+    chart = Scene("chart", (("red", 3), ("purple", 9)))
     px = np.asarray(world.render(chart))
     assert px.shape == (64, 64, 3)
     assert tuple(px[63, 8]) == world.rgb("red") and tuple(px[64 - 18, 8]) == world.rgb("red")
     assert tuple(px[64 - 19, 8]) == (255, 255, 255)  # bar 0 is exactly 3 units = 18 px tall
-    assert tuple(px[64 - 54, 24]) == world.rgb("navy")
+    assert tuple(px[64 - 54, 24]) == world.rgb("purple")
     assert tuple(px[63, 40]) == (255, 255, 255)  # no third bar
-    ui = Scene("ui", (("header", "red"), ("button", "blue"), ("input", "teal"), ("text", "black")))
+    ui = Scene("ui", (("header", "red"), ("button", "blue"), ("input", "cyan"), ("text", "black")))
     px = np.asarray(world.render(ui))
     assert tuple(px[8, 2]) == world.rgb("red")
     assert tuple(px[16 + 8, 32]) == world.rgb("blue") and tuple(px[16 + 8, 2]) == (255, 255, 255)
-    assert tuple(px[32 + 3, 30]) == world.rgb("teal") and tuple(px[32 + 8, 30]) == (255, 255, 255)
+    assert tuple(px[32 + 3, 30]) == world.rgb("cyan") and tuple(px[32 + 8, 30]) == (255, 255, 255)
     assert tuple(px[48 + 4, 10]) == world.rgb("black")
     # every scene renders differently from a scene with one fact changed
-    other = Scene("chart", (("red", 3), ("navy", 8)))
+    other = Scene("chart", (("red", 3), ("purple", 8)))
     assert not np.array_equal(np.asarray(world.render(chart)), np.asarray(world.render(other)))
 
 

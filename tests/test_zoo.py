@@ -23,26 +23,79 @@ def test_shipped_family_matches_its_hashes():
 
 @needs_family
 def test_shipped_family_reproduces_manifest_metrics():
+    # the headline numbers of the manifest's fixed subset: base and code on the code probe, the VLM on
+    # the two image probes (the other five cells are garbage-in-garbage-out and only cost time)
     torch.set_num_threads(2)
-    manifest = zoo.read_manifest(SHIPPED)
-    subset = manifest["test_subset"]
-    measured = probes.probe_family(SHIPPED, n=subset["items"])
-    for model, scores in subset["probes"].items():
-        for probe, values in scores.items():
-            assert abs(measured[model][probe]["pass"] - values["pass"]) <= TOLERANCE, (model, probe, measured[model][probe])
+    subset = zoo.read_manifest(SHIPPED)["test_subset"]
+    scenes = probes.held_out_scenes(subset["items"])
+    processor = zoo.load_processor(SHIPPED)
+    vlm = zoo.load_model("vlm", SHIPPED)
+    measured = {
+        ("base", "code"): probes.code_skill(zoo.load_model("base", SHIPPED), processor.tokenizer, scenes),
+        ("code", "code"): probes.code_skill(zoo.load_model("code", SHIPPED), processor.tokenizer, scenes),
+        ("vlm", "vision"): probes.vision_skill(vlm, processor, scenes),
+        ("vlm", "mm_code"): probes.mm_code_skill(vlm, processor, scenes),
+    }
+    for (model, probe), score in measured.items():
+        expected = subset["probes"][model][probe]
+        assert abs(score["pass"] - expected["pass"]) <= TOLERANCE, (model, probe, score, expected)
+        assert abs(score["item_acc"] - expected["item_acc"]) <= TOLERANCE, (model, probe, score, expected)
 
 
 @needs_family
-@pytest.mark.xfail(strict=True, reason=(
-    "the shipped family does not reach issue 4's targets yet (measured: |Δ|/|θ| 0.20 for both children, "
-    "code pass 0.585, vlm vision pass 0.075); strict, so this turns red when a rebuilt family does"))
-def test_shipped_family_meets_its_stated_targets():
+def test_shipped_manifest_records_the_family_and_its_experiments():
+    m = zoo.read_manifest(SHIPPED)
+    assert set(m["versions"]) >= {"torch", "transformers", "tokenizers"} and m["recipe"]["name"] == "full"
+    for child in ("code", "vlm"):
+        assert {"all", "attention", "mlp", "lm_head", "embeddings", "norms"} <= set(m["delta_norms"][child])
+    # what the kit claims about its family (the issue's targets that were not met are stated in the docs)
+    assert m["probes"]["base"]["code"]["pass"] <= 0.05 and m["probes"]["base"]["vision"]["pass"] <= 0.05
+    assert m["probes"]["code"]["code"]["pass"] > m["probes"]["base"]["code"]["pass"] + 0.3
+    assert m["probes"]["vlm"]["vision"]["item_acc"] > m["probes"]["base"]["vision"]["item_acc"] + 0.1
+    exp = m["experiments"]
+    assert {r["lam"] for r in exp["lambda_sweep"]} >= {0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 1.0}
+    assert {r["method"] for r in exp["methods"]} == {"viscodex", "ties", "dare_linear", "dare_ties"}
+    assert len({r["seed"] for r in exp["ablation"]["rows"]}) >= 3
+
+
+@needs_family
+def test_shipped_family_meets_the_targets_it_reaches():
     m = zoo.read_manifest(SHIPPED)
     assert m["delta_norms"]["code"]["all"]["ratio"] <= 0.15
     assert m["delta_norms"]["vlm"]["all"]["ratio"] <= 0.15
-    assert m["probes"]["code"]["code"]["pass"] >= 0.9
-    assert m["probes"]["vlm"]["vision"]["pass"] >= 0.9
     assert m["probes"]["base"]["code"]["pass"] <= 0.05 and m["probes"]["base"]["vision"]["pass"] <= 0.05
+    # the paper's ablation in miniature: after the same image -> code fine-tune, the merged start is ahead on
+    # mean pass rate (3 seeds, both budgets) and has the lower training loss in every seed
+    for key in ("ablation", "ablation_long"):
+        run = m["experiments"][key]
+        assert run["summary"]["merged"]["mean"] > run["summary"]["vlm"]["mean"], key
+        loss = {(r["seed"], r["start"]): r["final_loss"] for r in run["rows"]}
+        assert all(loss[seed, "merged"] < loss[seed, "vlm"] for seed, _ in loss), key
+
+
+def _kept_by_best_lambda(m) -> float:
+    rows = {r["lam"]: r for r in m["experiments"]["lambda_sweep"]}
+    return max(min(r["code_pass"] / rows[0.0]["code_pass"], r["vision_pass"] / rows[1.0]["vision_pass"])
+               for r in rows.values())
+
+
+# Issue 4's targets that the shipped family misses, each with what was measured; strict, so a rebuilt family that
+# reaches one turns its case red (then move it into the test above).
+MISSED_TARGETS = {
+    "code model passes >= 90% (measured 0.87)": lambda m: m["probes"]["code"]["code"]["pass"] >= 0.9,
+    "VLM describes >= 90% exactly (measured 0.74)": lambda m: m["probes"]["vlm"]["vision"]["pass"] >= 0.9,
+    "some λ keeps >= 80% of both skills (measured: at best 0.20)": lambda m: _kept_by_best_lambda(m) >= 0.8,
+    "merged beats both parents on multimodal coding zero-shot (measured: <= 0.01 at every λ)": lambda m: any(
+        r["mm_code_pass"] > max(m["probes"]["code"]["mm_code"]["pass"], m["probes"]["vlm"]["mm_code"]["pass"]) + 0.05
+        for r in m["experiments"]["lambda_sweep"]),
+}
+
+
+@needs_family
+@pytest.mark.xfail(strict=True, reason="a target the shipped family misses (measured numbers in the case's name)")
+@pytest.mark.parametrize("target", list(MISSED_TARGETS))
+def test_shipped_family_misses_these_targets(target):
+    assert MISSED_TARGETS[target](zoo.read_manifest(SHIPPED))
 
 
 def test_quick_build_writes_loadable_checkpoints(tmp_path):

@@ -200,28 +200,33 @@ def delta_norm_table(fam: Family) -> dict:
 
 
 def run_experiments(root: str | Path | None = None, *, n: int = 100, seeds: Sequence[int] = (0, 1, 2),
-                    log=print) -> dict:
-    """λ sweep, method comparison and ablation on the family at ``root``; stored in its manifest."""
+                    sfts: dict[str, SFT] | None = None, log=print) -> dict:
+    """λ sweep, method comparison and ablations on the family at ``root``; stored in its manifest.
+
+    Each part is written to the manifest as soon as it is done (``experiments`` key), so a long
+    run that is interrupted keeps what it measured. ``sfts`` names the ablation budgets to run
+    (default: the short :class:`SFT` and a longer one).
+    """
     root = Path(root) if root else zoo.default_dir()
+    sfts = sfts or {"ablation": SFT(), "ablation_long": SFT(examples=96, steps=150, batch=16, lr=5e-4)}
     torch.manual_seed(0)
     fam = load_family(root)
     t0 = time.time()
+    results: dict = {"probe_items": n, "delta_norms": delta_norm_table(fam)}
+
+    def save(key, value):
+        results[key] = value
+        results["seconds"] = round(time.time() - t0, 1)
+        manifest = zoo.read_manifest(root)
+        manifest["experiments"] = results
+        zoo.write_manifest(root, manifest)
+
     sweep = lambda_sweep(fam, n=n, log=log)
-    lam = best_lambda(sweep)
-    results = {
-        "probe_items": n,
-        "delta_norms": delta_norm_table(fam),
-        "lambda_sweep": sweep,
-        "best_lambda": lam,
-        "methods": method_comparison(fam, 0.7, n=n, log=log),
-        "ablation": ablation(fam, 0.7, seeds=seeds, n=n, log=log),
-    }
-    if lam != 0.7:
-        results["ablation_best_lambda"] = ablation(fam, lam, seeds=seeds, n=n, log=log)
-    results["seconds"] = round(time.time() - t0, 1)
-    manifest = zoo.read_manifest(root)
-    manifest["experiments"] = results
-    zoo.write_manifest(root, manifest)
+    save("lambda_sweep", sweep)
+    save("best_lambda", best_lambda(sweep))
+    save("methods", method_comparison(fam, 0.7, n=n, log=log))
+    for key, sft in sfts.items():
+        save(key, ablation(fam, 0.7, seeds=seeds, sft=sft, n=n, log=log))
     return results
 
 

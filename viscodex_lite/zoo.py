@@ -4,19 +4,29 @@ No model hub is reachable in tiny mode, and merging random weights teaches nothi
 trains a small VisCodex trio in the tiny world of :mod:`viscodex_lite.world`:
 
 - a **tokenizer**: byte-level BPE learnt on the world's text, Qwen's special tokens and chat template;
-- ``base``: ``Qwen2ForCausalLM`` pretrained broadly: descriptions, programs (without the spec
-  comment that links the two), chat turns in the world's prompt formats. It knows both languages
-  but not how to turn one into the other, so it scores near 0 on every probe;
-- ``code``: ``base`` fine-tuned briefly at a low learning rate on *description -> program*: it learns
-  the colour -> hex and element -> tag tables, the slot numbers and the derived ``ylim``;
+- ``base``: ``Qwen2ForCausalLM`` pretrained broadly (descriptions, programs without the spec comment
+  that links the two, chat turns), then an instruction phase in every prompt format of the family
+  with programs written against *shuffled* style sheets. It copies and looks up what a prompt says,
+  knows both languages and the formats, but not the colour -> hex / element -> tag tables, so it
+  scores near 0 on every probe;
+- ``code``: ``base`` fine-tuned briefly at a low learning rate on *description -> program*, embeddings
+  and output layer fixed: it learns the tables (and keeps the slots and the derived ``ylim``);
 - ``vlm``: ``Qwen2_5_VLForConditionalGeneration`` whose language model starts from ``base`` and a
-  random vision tower; trained with a curriculum (one-item scenes first) to describe rendered
-  charts and UI mock-ups, plus a little image -> code data from a small fixed pool (a weak
-  multimodal coder, as Qwen2.5-VL is next to a code model). The vision tower learns fast, the
-  language model slowly, so the language model's task vector stays small.
+  random vision tower; first the vision side alone learns to talk to the frozen language model (as
+  LLaVA's stage 1), then both, the language model at a low rate with embeddings and output layer
+  fixed; one-item scenes first; plus a little image -> code data from a small fixed pool (a weak
+  multimodal coder, as Qwen2.5-VL is next to a code model).
 
-Both children stay close to ``base`` (``||theta_child - theta_base|| / ||theta_base||`` is
-recorded per module group in the manifest), which is what lets task arithmetic keep both skills.
+Three things decided whether this works, each measured (the manifest's ``recipe`` has the rest):
+colour names must be told apart by something in the base's data (otherwise they are exchangeable
+and the base repeats "orange 5" as "blue 5"); items must be addressable by an index (``#1 blue 5``)
+rather than by counting; and the fine-tunes must leave the shared embeddings and output layer alone,
+which keeps ``||theta_child - theta_base|| / ||theta_base||`` small (recorded per module group).
+
+The shipped family (manifest, 100 held-out scenes): code 0.87 pass, VLM 0.74 exact descriptions,
+base <= 0.03, deltas 0.144 / 0.102 of the base's norm. It does not merge well zero-shot: no λ keeps
+80 % of both skills, because each skill needs nearly its whole task vector (0.3·τ_code alone passes
+13 %); after the same short image -> code fine-tune the merged start is ahead of the VLM start.
 ``build_family`` writes each model as a normal checkpoint directory (``config.json``,
 ``model.safetensors``, ``generation_config.json``, tokenizer files; the VLM also its processor) and a
 ``manifest.json`` with file hashes, the recipe, library versions and metrics. ``verify_family``
@@ -73,10 +83,11 @@ class Stage:
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on the decoder's linear layers, then fold them in
     freeze: tuple[str, ...] = ()  # parameters whose name contains one of these stay fixed
     one_item_share: float = 0.0  # curriculum: this share of the first steps shows one-item scenes only
+    lm_frozen_share: float = 0.0  # VLM only: for this share of the first steps only the vision side learns
 
 
 # Stage options added after the first cache keys were made; left out of a key while at their default.
-_LATE_STAGE_DEFAULTS = {"lora_rank": 0, "freeze": [], "one_item_share": 0.0}
+_LATE_STAGE_DEFAULTS = {"lora_rank": 0, "freeze": [], "one_item_share": 0.0, "lm_frozen_share": 0.0}
 
 
 @dataclass(frozen=True)
@@ -96,10 +107,11 @@ class Recipe:
     vision_heads: int = 4
     patch: int = 8
     rms_norm_eps: float = 1e-6  # equal in Qwen2 and Qwen2.5-VL, so the same weights give the same logits
-    pretrain: Stage = Stage(steps=2000, batch=32, lr=2e-3, warmup=100, weight_decay=0.01)  # documents
-    base: Stage = Stage(steps=300, batch=32, lr=1e-3, warmup=20, weight_decay=0.01)  # prompt formats
-    code: Stage = Stage(steps=500, batch=32, lr=1e-3, warmup=30, freeze=("embed_tokens", "lm_head"), one_item_share=0.25)
-    vlm: Stage = Stage(steps=1800, batch=32, lr=2e-4, warmup=50, lr_vision=3e-3)
+    pretrain: Stage = Stage(steps=1000, batch=32, lr=2e-3, warmup=60, weight_decay=0.01)  # documents
+    base: Stage = Stage(steps=800, batch=32, lr=1e-3, warmup=31, weight_decay=0.01)  # formats, copying, colour order
+    code: Stage = Stage(steps=600, batch=32, lr=5e-4, warmup=20, freeze=("embed_tokens", "lm_head"), one_item_share=0.25)
+    vlm: Stage = Stage(steps=800, batch=32, lr=6e-4, warmup=30, lr_vision=3e-3, freeze=("embed_tokens", "lm_head"),
+                       lm_frozen_share=0.3)
     vlm_one_item_share: float = 0.3  # curriculum: the first 30% of VLM steps show one-item scenes
     vlm_code_share: float = 0.05  # share of VLM examples that are image -> code ...
     vlm_code_pool: int = 32  # ... drawn from this small fixed pool of scenes
@@ -162,23 +174,46 @@ def pretraining_example(rng: random.Random) -> Example:
 
 
 def format_example(rng: random.Random) -> Example:
-    """An instruction-phase ``base`` example: every prompt format of the family, skill-free.
+    """An instruction-phase ``base`` example: every prompt format of the family, skill-free, copy-heavy.
 
     The coding prompts are answered with programs written against a *shuffled* style sheet
     (:func:`world.shuffled_tables`, a new one each time): ``base`` learns the spec comment, slots,
     heights, ``ylim`` and the syntax, but no colour -> hex or element -> tag pairing, which is the
-    code skill. The describe and image-code prompts come without images: any scene is an answer.
+    code skill. Most examples need the prompt copied or looked up (repeat, the k-th item, the spec
+    comment): measured, a ``base`` trained mostly on free text answered from its prior and ignored the
+    prompt's content, and no fine-tune on top of it got far. The describe and image-code prompts come
+    without images (any scene is an answer), so they teach only the format.
     """
     scene = world.sample_scenes(rng.getrandbits(32), 1)[0]
     palette, tags = world.shuffled_tables(rng)
+    desc = world.describe(scene)
     roll = rng.random()
     if roll < 0.35:
-        return Example(world.TEXT_CODE_PROMPT + world.describe(scene), world.to_code(scene, palette, tags))
-    if roll < 0.45:
-        return Example(world.IMAGE_CODE_PROMPT, world.to_code(scene, palette, tags))
+        return Example(world.TEXT_CODE_PROMPT + desc, world.to_code(scene, palette, tags))
     if roll < 0.55:
-        return Example(world.DESCRIBE_PROMPT, world.describe(scene))
-    return pretraining_example(rng)
+        return Example(f"Repeat: {desc}", desc)
+    if roll < 0.65:
+        return Example(f"Repeat the program:\n{_program_body(scene)}", _program_body(scene))
+    if roll < 0.8:
+        k = rng.randrange(len(scene.items))
+        ordinal = ("first", "second", "third", "fourth")[k]
+        if scene.kind == "chart":
+            return Example(f"Colour of the {ordinal} bar? {desc}", scene.items[k][0])
+        return Example(f"Element in the {ordinal} row? {desc}", scene.items[k][0])
+    if roll < 0.85:
+        return Example(world.IMAGE_CODE_PROMPT, world.to_code(scene, palette, tags))
+    if roll < 0.9:
+        return Example(world.DESCRIBE_PROMPT, desc)
+    if roll < 0.95:  # the one fact that tells colours apart (below)
+        colour = rng.choice(list(world.COLOURS))
+        return Example(f"Colour after {colour}?", _NEXT_COLOUR[colour])
+    return Example("List the colours.", ", ".join(world.COLOURS))
+
+
+# Everywhere else in the base's data the colours are exchangeable (random scenes, shuffled style
+# sheets), and so, measured, their embeddings stayed alike: base answered "Repeat: ... orange 5" with
+# "blue 5". A fixed order (a fact about colour names, not about hex codes) makes each one distinct.
+_NEXT_COLOUR = dict(zip(world.COLOURS, list(world.COLOURS)[1:] + list(world.COLOURS)[:1]))
 
 
 def text_code_example(scene: world.Scene) -> Example:
@@ -410,8 +445,8 @@ def train(model, stage: Stage, make_batch: Callable[[int], dict], *, log: Callab
     losses = []
     t0 = time.time()
     for step in range(stage.steps):
-        for g in opt.param_groups:
-            g["lr"] = g["peak_lr"] * lr_factor(step, stage)
+        for g in opt.param_groups:  # a group with "start" stays fixed before that step
+            g["lr"] = g["peak_lr"] * lr_factor(step, stage) * (step >= g.get("start", 0))
         loss = model(**make_batch(step)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -506,9 +541,13 @@ def train_vlm(base, tokenizer, processor, recipe: Recipe, log=print):
                 examples.append(describe_example(scene))
         return enc.batch(examples)
 
+    _freeze(model, recipe.vlm.freeze)
     vision = [p for n, p in model.named_parameters() if n.startswith("model.visual.")]
-    language = [p for n, p in model.named_parameters() if not n.startswith("model.visual.")]
-    groups = [{"params": language, "lr": recipe.vlm.lr}, {"params": vision, "lr": recipe.vlm.lr_vision or recipe.vlm.lr}]
+    language = [p for n, p in model.named_parameters() if not n.startswith("model.visual.") and p.requires_grad]
+    # Alignment first (as LLaVA's stage 1): the vision tower and projector learn to speak to the frozen
+    # language model, which already copies descriptions; then both learn, the language model slowly.
+    groups = [{"params": language, "lr": recipe.vlm.lr, "start": int(recipe.vlm.lm_frozen_share * recipe.vlm.steps)},
+              {"params": vision, "lr": recipe.vlm.lr_vision or recipe.vlm.lr}]
     train(model, recipe.vlm, make_batch, log=log, name="vlm", param_groups=groups)
     return model
 
@@ -813,7 +852,12 @@ def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Call
 def _cmd_build(args) -> int:
     recipe = dataclasses.replace(RECIPES["quick" if args.quick else "full"], seed=args.seed)
     cache = None if args.no_cache else args.cache
-    build_family(args.out or default_dir(), recipe, probe_items=args.probe_items, cache=cache)
+    out = args.out or default_dir()
+    build_family(out, recipe, probe_items=args.probe_items, cache=cache)
+    if not (args.quick or args.skip_experiments):
+        from . import sweep
+
+        sweep.run_experiments(out)  # λ sweep, TIES/DARE, the ablation: into the manifest's "experiments"
     return 0
 
 
@@ -855,6 +899,8 @@ def register_cli(subparsers) -> None:
     build.add_argument("--cache", type=Path, default=Path("runs/zoo_cache"),
                        help="reuse models trained by an earlier build with the same settings (default: runs/zoo_cache)")
     build.add_argument("--no-cache", action="store_true", help="train every stage from scratch")
+    build.add_argument("--skip-experiments", action="store_true",
+                       help="leave out the λ sweep, method comparison and ablation (added to the manifest otherwise)")
     build.set_defaults(func=_cmd_build)
     verify = sub.add_parser("verify", help="check every file against the manifest's hashes")
     verify.add_argument("--dir", type=Path, default=None)
