@@ -176,3 +176,22 @@ def test_missing_family_gives_a_clear_error(tmp_path):
         zoo.model_dir("vlm", tmp_path)
     with pytest.raises(zoo.ZooError, match="no manifest"):
         zoo.verify_family(tmp_path)
+
+
+def test_scale_low_takes_each_loss_at_a_scaled_task_vector_and_keeps_theta():
+    from types import SimpleNamespace
+
+    class Square(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([2.0]))
+
+        def forward(self):
+            return SimpleNamespace(loss=(self.w ** 2).sum())
+
+    model = Square()
+    stage = zoo.Stage(steps=5, batch=1, lr=0.0, warmup=1, scale_low=0.5)
+    losses = zoo.train(model, stage, lambda step: {}, log=lambda s: None, anchor={"w": torch.zeros(1)})
+    # theta = 2 and anchor = 0, so the loss at anchor + s * theta is (2 s)^2 with s in [0.5, 1]; unscaled it is 4
+    assert all(1.0 <= loss <= 4.0 for loss in losses) and min(losses) < 3.9
+    assert model.w.item() == 2.0  # lr 0: the step restores theta after the scaled forward pass

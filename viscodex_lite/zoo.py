@@ -84,10 +84,12 @@ class Stage:
     freeze: tuple[str, ...] = ()  # parameters whose name contains one of these stay fixed
     one_item_share: float = 0.0  # curriculum: this share of the first steps shows one-item scenes only
     lm_frozen_share: float = 0.0  # VLM only: for this share of the first steps only the vision side learns
+    scale_low: float = 0.0  # > 0: each step trains base + s * (theta - base), s drawn from [scale_low, 1]
 
 
 # Stage options added after the first cache keys were made; left out of a key while at their default.
-_LATE_STAGE_DEFAULTS = {"lora_rank": 0, "freeze": [], "one_item_share": 0.0, "lm_frozen_share": 0.0}
+_LATE_STAGE_DEFAULTS = {"lora_rank": 0, "freeze": [], "one_item_share": 0.0, "lm_frozen_share": 0.0,
+                        "scale_low": 0.0}
 
 
 @dataclass(frozen=True)
@@ -435,9 +437,18 @@ def lr_factor(step: int, stage: Stage) -> float:
 
 
 def train(model, stage: Stage, make_batch: Callable[[int], dict], *, log: Callable[[str], None] = print,
-          name: str = "train", param_groups: list[dict] | None = None) -> list[float]:
-    """Train ``model`` for ``stage.steps`` on ``make_batch(step)``; returns the loss curve."""
+          name: str = "train", param_groups: list[dict] | None = None,
+          anchor: dict[str, torch.Tensor] | None = None) -> list[float]:
+    """Train ``model`` for ``stage.steps`` on ``make_batch(step)``; returns the loss curve.
+
+    With ``anchor`` (parameter name -> the parent's tensor) and ``stage.scale_low > 0``, each step's loss
+    is taken at ``anchor + s * (theta - anchor)`` for a seeded ``s`` in ``[scale_low, 1]`` (the gradient
+    then carries the factor ``s``): the task vector is trained to keep its skill when a merge scales it.
+    """
     model.train()
+    scaled = [(p, anchor[n]) for n, p in model.named_parameters() if p.requires_grad and n in anchor] \
+        if anchor is not None and stage.scale_low > 0 else []
+    scale_rng = random.Random(stage.steps * 1_000 + int(stage.scale_low * 100))
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad], "lr": stage.lr}]
     for g in groups:
         g["peak_lr"] = g["lr"]
@@ -447,9 +458,20 @@ def train(model, stage: Stage, make_batch: Callable[[int], dict], *, log: Callab
     for step in range(stage.steps):
         for g in opt.param_groups:  # a group with "start" stays fixed before that step
             g["lr"] = g["peak_lr"] * lr_factor(step, stage) * (step >= g.get("start", 0))
-        loss = model(**make_batch(step)).loss
+        batch = make_batch(step)
+        scale = scale_rng.uniform(stage.scale_low, 1.0) if scaled else 1.0
+        kept = [p.detach().clone() for p, _ in scaled]
+        with torch.no_grad():
+            for p, a in scaled:
+                p.copy_(a + scale * (p - a))
+        loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        with torch.no_grad():
+            for (p, _), theta in zip(scaled, kept):
+                p.copy_(theta)
+                if p.grad is not None:
+                    p.grad.mul_(scale)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
@@ -498,8 +520,9 @@ def train_code(base, tokenizer, recipe: Recipe, log=print):
         return enc.batch([text_code_example(s) for s in scenes])
 
     _freeze(model, recipe.code.freeze)
+    anchor = {n: p.detach().clone() for n, p in base.named_parameters()}
     if not recipe.code.lora_rank:
-        train(model, recipe.code, make_batch, log=log, name="code")
+        train(model, recipe.code, make_batch, log=log, name="code", anchor=anchor)
         return model
     # LoRA folded back: a low-rank update of each matrix keeps the task vector small (see module docstring)
     from peft import LoraConfig, get_peft_model
@@ -548,7 +571,8 @@ def train_vlm(base, tokenizer, processor, recipe: Recipe, log=print):
     # language model, which already copies descriptions; then both learn, the language model slowly.
     groups = [{"params": language, "lr": recipe.vlm.lr, "start": int(recipe.vlm.lm_frozen_share * recipe.vlm.steps)},
               {"params": vision, "lr": recipe.vlm.lr_vision or recipe.vlm.lr}]
-    train(model, recipe.vlm, make_batch, log=log, name="vlm", param_groups=groups)
+    anchor = {n: p.detach().clone() for n, p in lm_state_as_vlm(dict(base.named_parameters())).items()}
+    train(model, recipe.vlm, make_batch, log=log, name="vlm", param_groups=groups, anchor=anchor)
     return model
 
 
@@ -752,7 +776,7 @@ def stage_keys(recipe: Recipe) -> dict[str, str]:
 
 
 def _cached_stage(name: str, key: str, cache: Path | None, train_fn: Callable, load_cls, tokenizer, log,
-                  processor=None):
+                  processor=None, extra_info: Callable[[], dict] | None = None):
     """Train a stage, or load it from ``cache`` when a run with the same key already trained it."""
     path = cache / f"{name}-{key}" if cache else None
     if path is not None and (path / "stage.json").is_file():
@@ -762,6 +786,8 @@ def _cached_stage(name: str, key: str, cache: Path | None, train_fn: Callable, l
     t = time.time()
     model = train_fn()
     info = {"seconds": round(time.time() - t, 1), "key": key, "threads": torch.get_num_threads()}
+    if extra_info:
+        info.update(extra_info())
     if path is not None:
         save_checkpoint(model, tokenizer, path, processor=processor)
         (path / "stage.json").write_text(json.dumps(info))
@@ -792,12 +818,21 @@ def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Call
     log(f"tokenizer: {len(tokenizer)} tokens")
     keys = stage_keys(recipe)
     stages: dict[str, dict] = {}
-    pretrained, stages["pretrain"] = _cached_stage("pretrain", keys["pretrain"], cache,
-                                                    lambda: pretrain(tokenizer, recipe, log),
-                                                    AutoModelForCausalLM, tokenizer, log)
-    base, stages["base"] = _cached_stage("base", keys["base"], cache,
-                                          lambda: train_base(pretrained, tokenizer, recipe, log),
-                                          AutoModelForCausalLM, tokenizer, log)
+
+    def pretrained():  # needed only when base is not cached; a cached base's stage.json records its pretraining
+        model, stages["pretrain"] = _cached_stage("pretrain", keys["pretrain"], cache,
+                                                  lambda: pretrain(tokenizer, recipe, log),
+                                                  AutoModelForCausalLM, tokenizer, log)
+        return model
+
+    base, base_info = _cached_stage("base", keys["base"], cache,
+                                    lambda: train_base(pretrained(), tokenizer, recipe, log),
+                                    AutoModelForCausalLM, tokenizer, log,
+                                    extra_info=lambda: {"pretrain": stages["pretrain"]})
+    base_pretrain = base_info.pop("pretrain", None)
+    if "pretrain" not in stages:  # base came from the cache
+        stages["pretrain"] = base_pretrain or (pretrained() and stages["pretrain"])
+    stages["base"] = base_info
     code, stages["code"] = _cached_stage("code", keys["code"], cache,
                                           lambda: train_code(base, tokenizer, recipe, log),
                                           AutoModelForCausalLM, tokenizer, log)
