@@ -60,7 +60,8 @@ def write_checkpoint(size: str, root: Path) -> Path:
     tiny.build_processor(tok, shape).save_pretrained(root)
     del model
     gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return root
 
 

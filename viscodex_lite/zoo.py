@@ -520,7 +520,7 @@ def train_code(base, tokenizer, recipe: Recipe, log=print):
         return enc.batch([text_code_example(s) for s in scenes])
 
     _freeze(model, recipe.code.freeze)
-    anchor = {n: p.detach().clone() for n, p in base.named_parameters()}
+    anchor = {n: p.detach() for n, p in base.named_parameters()}  # base is never trained: no copy needed
     if not recipe.code.lora_rank:
         train(model, recipe.code, make_batch, log=log, name="code", anchor=anchor)
         return model
@@ -571,7 +571,7 @@ def train_vlm(base, tokenizer, processor, recipe: Recipe, log=print):
     # language model, which already copies descriptions; then both learn, the language model slowly.
     groups = [{"params": language, "lr": recipe.vlm.lr, "start": int(recipe.vlm.lm_frozen_share * recipe.vlm.steps)},
               {"params": vision, "lr": recipe.vlm.lr_vision or recipe.vlm.lr}]
-    anchor = {n: p.detach().clone() for n, p in lm_state_as_vlm(dict(base.named_parameters())).items()}
+    anchor = {n: p.detach() for n, p in lm_state_as_vlm(dict(base.named_parameters())).items()}  # base stays as is
     train(model, recipe.vlm, make_batch, log=log, name="vlm", param_groups=groups, anchor=anchor)
     return model
 
@@ -812,7 +812,6 @@ def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Call
     cache = Path(cache) if cache else None
     torch.set_num_threads(recipe.threads)
     timings: dict[str, float] = {}
-    t0 = time.time()
     tokenizer = build_tokenizer(recipe)
     processor = build_processor(tokenizer, recipe)
     log(f"tokenizer: {len(tokenizer)} tokens")
