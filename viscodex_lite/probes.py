@@ -62,6 +62,7 @@ def generate(model, tokenizer, examples: Sequence, *, processor=None, max_new_to
             inputs = processor(text=prompts, images=[e.image for e in chunk], padding=True, return_tensors="pt")
         else:
             inputs = tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+        inputs = inputs.to(model.device)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                              pad_token_id=tokenizer.pad_token_id)
         answers += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -114,7 +115,7 @@ def language_model_of(vlm):
     keep = set(Qwen2Config().to_dict()) - {"rope_parameters", "architectures", "model_type", "transformers_version"}
     lm = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in text.items() if k in keep}))
     lm.load_state_dict(lm_state_of_vlm(vlm.state_dict()))
-    return lm.eval()
+    return lm.to(vlm.device).eval()
 
 
 def vlm_with_language_model(vlm, lm_state: dict[str, torch.Tensor]):

@@ -454,11 +454,12 @@ def train(model, stage: Stage, make_batch: Callable[[int], dict], *, log: Callab
         g["peak_lr"] = g["lr"]
     opt = torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.98), weight_decay=stage.weight_decay)
     losses = []
+    device = next(model.parameters()).device  # a model moved to a GPU trains there (recipe search)
     t0 = time.time()
     for step in range(stage.steps):
         for g in opt.param_groups:  # a group with "start" stays fixed before that step
             g["lr"] = g["peak_lr"] * lr_factor(step, stage) * (step >= g.get("start", 0))
-        batch = make_batch(step)
+        batch = {k: v.to(device) for k, v in make_batch(step).items()}
         scale = scale_rng.uniform(stage.scale_low, 1.0) if scaled else 1.0
         kept = [p.detach().clone() for p, _ in scaled]
         with torch.no_grad():
