@@ -17,16 +17,22 @@ trains a small VisCodex trio in the tiny world of :mod:`viscodex_lite.world`:
   fixed; one-item scenes first; plus a little image -> code data from a small fixed pool (a weak
   multimodal coder, as Qwen2.5-VL is next to a code model).
 
-Three things decided whether this works, each measured (the manifest's ``recipe`` has the rest):
+Four things decided whether this works, each measured (the manifest's ``recipe`` has the rest):
 colour names must be told apart by something in the base's data (otherwise they are exchangeable
 and the base repeats "orange 5" as "blue 5"); items must be addressable by an index (``#1 blue 5``)
-rather than by counting; and the fine-tunes must leave the shared embeddings and output layer alone,
-which keeps ``||theta_child - theta_base|| / ||theta_base||`` small (recorded per module group).
+rather than by counting; the base's instruction phase must run until copying is reliable (after 800
+steps the code model still had to repair it and reached 0.87; after 2000, 1.00 with a smaller task
+vector); and the fine-tunes must leave the shared embeddings and output layer alone, which keeps
+``||theta_child - theta_base|| / ||theta_base||`` small (recorded per module group).
 
-The shipped family (manifest, 100 held-out scenes): code 0.87 pass, VLM 0.74 exact descriptions,
-base <= 0.03, deltas 0.144 / 0.102 of the base's norm. It does not merge well zero-shot: no λ keeps
-80 % of both skills, because each skill needs nearly its whole task vector (0.3·τ_code alone passes
-13 %); after the same short image -> code fine-tune the merged start is ahead of the VLM start.
+The shipped family (manifest): code 1.00 pass, VLM 0.945 exact descriptions, base <= 0.045 (200 held-out
+scenes), deltas 0.105 / 0.104 of the base's norm. Merged, each skill fades along the λ line and no λ keeps
+80 % of both (at λ = 0.5, 39 % of the code skill and 27 % of the vision skill), because a skill here needs
+most of its task vector; yet mid-line merges write programs from images that neither parent writes
+(8 % against 0 % and 2 %), and after the same short image -> code fine-tune the merged start is ahead
+of the VLM start (0.40 against 0.20 pass, 3 seeds). ``benchmarks/zoo_recipe_search.py`` measures how a
+recipe change moves those curves.
+
 ``build_family`` writes each model as a normal checkpoint directory (``config.json``,
 ``model.safetensors``, ``generation_config.json``, tokenizer files; the VLM also its processor) and a
 ``manifest.json`` with file hashes, the recipe, library versions and metrics. ``verify_family``
@@ -110,9 +116,9 @@ class Recipe:
     patch: int = 8
     rms_norm_eps: float = 1e-6  # equal in Qwen2 and Qwen2.5-VL, so the same weights give the same logits
     pretrain: Stage = Stage(steps=1000, batch=32, lr=2e-3, warmup=60, weight_decay=0.01)  # documents
-    base: Stage = Stage(steps=800, batch=32, lr=1e-3, warmup=31, weight_decay=0.01)  # formats, copying, colour order
+    base: Stage = Stage(steps=2000, batch=32, lr=1e-3, warmup=31, weight_decay=0.01)  # formats, copying, colour order
     code: Stage = Stage(steps=600, batch=32, lr=5e-4, warmup=20, freeze=("embed_tokens", "lm_head"), one_item_share=0.25)
-    vlm: Stage = Stage(steps=800, batch=32, lr=6e-4, warmup=30, lr_vision=3e-3, freeze=("embed_tokens", "lm_head"),
+    vlm: Stage = Stage(steps=2000, batch=32, lr=4e-4, warmup=30, lr_vision=3e-3, freeze=("embed_tokens", "lm_head"),
                        lm_frozen_share=0.3)
     vlm_one_item_share: float = 0.3  # curriculum: the first 30% of VLM steps show one-item scenes
     vlm_code_share: float = 0.05  # share of VLM examples that are image -> code ...
@@ -630,7 +636,7 @@ def model_dir(name: str, root: str | Path | None = None) -> Path:
     path = root / name
     if not (path / "config.json").is_file():
         raise ZooError(f"no {name} checkpoint at {path}; run `viscodex-lite zoo build --out {root}` "
-                       "(about an hour on 2 CPU cores) or restore assets/mini_family from git.")
+                       "(about half an hour on 2 CPU cores) or restore assets/mini_family from git.")
     return path
 
 
@@ -814,7 +820,8 @@ def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Call
     torch.set_num_threads(recipe.threads)
     timings: dict[str, float] = {}
     tokenizer = build_tokenizer(recipe)
-    processor = build_processor(tokenizer, recipe)
+    # the processor gets its own copy: saving it marks its tokenizer as a processor's, which base and code are not
+    processor = build_processor(_copy_model(tokenizer), recipe)
     log(f"tokenizer: {len(tokenizer)} tokens")
     keys = stage_keys(recipe)
     stages: dict[str, dict] = {}
@@ -926,7 +933,7 @@ def register_cli(subparsers) -> None:
     """``viscodex-lite zoo build|verify|list``."""
     zoo = subparsers.add_parser("zoo", help="the mini family: build, verify, list")
     sub = zoo.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
-    build = sub.add_parser("build", help="train the family from nothing (about an hour on 2 CPU cores)")
+    build = sub.add_parser("build", help="train the family from nothing (about half an hour on 2 CPU cores)")
     build.add_argument("--out", type=Path, default=None, help="output directory (default: assets/mini_family)")
     build.add_argument("--quick", action="store_true", help="a minute-long recipe that proves the code path")
     build.add_argument("--seed", type=int, default=0)
