@@ -12,8 +12,9 @@ and a λ sweep of the merge.
     python benchmarks/zoo_recipe_search.py --code-only --smoke 50 base2k            # a code-path check
 
 What it found (2026-11-26, one H200 + 16 cores, 100 held-out scenes) is in docs/benchmarks.md.
-Numbers from a GPU differ from a CPU build's in the last bits, not in kind: the shipped recipe's code
-model scored 0.87 / 0.49 / 0.27 / 0.13 at s = 1 / 0.7 / 0.5 / 0.3 there, 0.88 / 0.57 / 0.30 / 0.12 on the CPU.
+Numbers from a GPU differ from a CPU build's in the last bits, not in kind: the code model of the
+earlier recipe (800 base steps) scored 0.87 / 0.49 / 0.27 / 0.13 at s = 1 / 0.7 / 0.5 / 0.3 there,
+0.88 / 0.57 / 0.30 / 0.12 on the CPU.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from viscodex_lite import probes, zoo
 from viscodex_lite.sweep import Family, merged_lm_state
 
-SHIPPED = zoo.RECIPES["full"]
+SHIPPED = zoo.RECIPES["full"]  # variants change this recipe
 # Fine-tunes that train only each MLP's output matrix: a first-order change of existing features.
 ONLY_DOWN_PROJ = ("embed_tokens", "lm_head", "self_attn", "gate_proj", "up_proj", "norm")
 

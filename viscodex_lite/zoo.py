@@ -42,6 +42,7 @@ rebuilds it (``--quick`` for a minute-long run that proves the code path).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -505,7 +506,7 @@ def pretrain(tokenizer, recipe: Recipe, log=print):
 
 def train_base(pretrained, tokenizer, recipe: Recipe, log=print):
     """``base``: the pretrained model after the instruction phase on :func:`format_example` data."""
-    model = _copy_model(pretrained)
+    model = copy.deepcopy(pretrained)
     enc = Encoder(tokenizer)
     rng = random.Random(recipe.seed + 6)
     train(model, recipe.base, lambda step: enc.batch([format_example(rng) for _ in range(recipe.base.batch)]),
@@ -515,7 +516,7 @@ def train_base(pretrained, tokenizer, recipe: Recipe, log=print):
 
 def train_code(base, tokenizer, recipe: Recipe, log=print):
     """``code``: ``base`` fine-tuned on description -> program for fresh training scenes."""
-    model = _copy_model(base)
+    model = copy.deepcopy(base)
     enc = Encoder(tokenizer)
     seed = recipe.seed + 2
 
@@ -593,12 +594,6 @@ def _freeze(model, names: Sequence[str]) -> None:
     for name, p in model.named_parameters():
         if any(n in name for n in names):
             p.requires_grad = False
-
-
-def _copy_model(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -821,7 +816,7 @@ def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Call
     timings: dict[str, float] = {}
     tokenizer = build_tokenizer(recipe)
     # the processor gets its own copy: saving it marks its tokenizer as a processor's, which base and code are not
-    processor = build_processor(_copy_model(tokenizer), recipe)
+    processor = build_processor(copy.deepcopy(tokenizer), recipe)
     log(f"tokenizer: {len(tokenizer)} tokens")
     keys = stage_keys(recipe)
     stages: dict[str, dict] = {}
