@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import secret
 from ..errors import KitError
+from ..jsonl import write_jsonl
 from .scorers import ScoringOptions
 
 FIXES = {"ignorecase-regex": ("regex_case", "ignorecase"), "nested-to-lower": ("nested_to_lower", True),
@@ -46,7 +47,7 @@ def _score(args: argparse.Namespace) -> int:
                                          full_score_per_question=settings["full_score_per_question"],
                                          null_score_per_question=settings["null_score_per_question"],
                                          run_unit_tests=not args.no_unit_tests)
-    runner.write_jsonl([r.to_json() for r in results], args.output)
+    write_jsonl([r.to_json() for r in results], args.output)
     summary = runner.summarize(results)["overall"]
     print(f"{summary['percent']:.2f}% ({summary['score']:.2f} / {summary['full']:.2f}) over {summary['cases']} cases, "
           f"{summary['errors']} errors, {summary['skipped']} skipped -> {args.output}")

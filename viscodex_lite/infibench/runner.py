@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import KitError
-from ..jsonl import read_jsonl, write_jsonl  # noqa: F401  (write_jsonl: scores are written with it)
+from ..jsonl import read_jsonl
 from . import scorers
 from .cases import Case
 from .scorers import OFFICIAL, GradingError, ScoringOptions
@@ -276,7 +276,7 @@ def read_responses(path: str | Path) -> dict[str, list[str]]:
 
 
 def read_results(path: str | Path) -> list[CaseResult]:
-    """The per-case results a ``score`` run wrote (``write_jsonl`` of ``CaseResult.to_json()``)."""
+    """The per-case results a ``score`` run wrote (``jsonl.write_jsonl`` of ``CaseResult.to_json()``)."""
     return [CaseResult.from_json(rec) for _, rec in read_jsonl(path, ResponsesError)]
 
 
