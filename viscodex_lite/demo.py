@@ -118,22 +118,24 @@ def _step_analysis(cfg: config.RunConfig, workdir: Path, state: dict) -> Section
     from . import analysis
 
     family = cfg.assets_dir / "mini_family"
-    if (family / "manifest.json").is_file():
+    has_family = (family / "manifest.json").is_file()
+    if has_family:
         paths, source = {m: family / m for m in ("base", "vlm", "code")}, f"the mini family ({family.name})"
     else:
         trio = state["trio"]
         paths, source = {"base": trio.base, "vlm": trio.vlm, "code": trio.code}, "the tiny trio (no mini family here)"
     table = analysis.analyze(paths["base"], {"vlm": paths["vlm"], "code": paths["code"]}, densities=(0.2, 0.5), log=None)
-    whole = analysis.aggregate(table, None).iloc[0]
+    overall = analysis.aggregate(table, None)
+    whole = overall.iloc[0]
     gaps = []
-    if (paths["base"].parent / "manifest.json").is_file():
+    if has_family:
         from .zoo import read_manifest
 
-        recorded = read_manifest(paths["base"].parent)["delta_norms"]
+        recorded = read_manifest(family)["delta_norms"]
         groups = analysis.aggregate(table, "group")
         gaps = [abs(float((whole if g == "all" else groups.loc[g])[f"rel:{m}"]) - v["ratio"])
                 for m in ("vlm", "code") for g, v in recorded[m].items()]
-    keep = analysis.lambda_retention(analysis.aggregate(table, None), 0.7).iloc[0]
+    keep = analysis.lambda_retention(overall, 0.7).iloc[0]
     ok = (table["status"] == "ok").any() and all(gap <= 1e-3 for gap in gaps)
     section = Section("Weight-delta analysis", "ok" if ok else "failed")
     section.text(f"viscodex_lite.analysis streamed {source} tensor by tensor (memory: a few chunks, whatever the size)"
