@@ -831,9 +831,12 @@ def build_family(out: str | Path, recipe: Recipe = RECIPES["full"], *, log: Call
                                     lambda: train_base(pretrained(), tokenizer, recipe, log),
                                     AutoModelForCausalLM, tokenizer, log,
                                     extra_info=lambda: {"pretrain": stages["pretrain"]})
-    base_pretrain = base_info.pop("pretrain", None)
+    base_pretrain = base_info.pop("pretrain", None)  # what the base was pretrained with, as its stage.json says
     if "pretrain" not in stages:  # base came from the cache
-        stages["pretrain"] = base_pretrain or (pretrained() and stages["pretrain"])
+        if base_pretrain is None:  # cached by a build that did not record its pretraining: ask the cache
+            pretrained()
+        else:
+            stages["pretrain"] = base_pretrain
     stages["base"] = base_info
     code, stages["code"] = _cached_stage("code", keys["code"], cache,
                                           lambda: train_code(base, tokenizer, recipe, log),
