@@ -31,6 +31,7 @@ import torch
 
 from viscodex_lite import probes, zoo
 from viscodex_lite.sweep import Family, merged_lm_state
+from viscodex_lite.task_vectors import TaskVector
 
 SHIPPED = zoo.RECIPES["full"]  # variants change this recipe
 # Fine-tunes that train only each MLP's output matrix: a first-order change of existing features.
@@ -62,10 +63,6 @@ def recipe_of(variant: dict, smoke: int) -> zoo.Recipe:
                                vlm=stage(SHIPPED.vlm, variant.get("vlm", {})))
 
 
-def scaled(base: dict, child: dict, s: float) -> dict:
-    return {k: base[k] + s * (child[k] - base[k]) for k in base}
-
-
 def run_variant(name: str, out: Path, *, code_only: bool, smoke: int) -> None:
     torch.set_num_threads(1)  # the variants share the machine's cores
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,8 +91,9 @@ def run_variant(name: str, out: Path, *, code_only: bool, smoke: int) -> None:
     result["ratio_code"] = zoo.delta_norms(code_state, base_state)["all"]["ratio"]
     scenes = probes.held_out_scenes(max(2, 100 // smoke))
     result["code_pass_at_scale"] = {}
+    tau_code = TaskVector.between(code_state, base_state)
     for s in (0.0, 1.0, 0.7, 0.5, 0.3):
-        code.load_state_dict(scaled(base_state, code_state, s))
+        code.load_state_dict(tau_code.apply_to(base_state, s))
         result["code_pass_at_scale"][s] = probes.code_skill(code, tokenizer, scenes)["pass"]
         save()
     if code_only:
@@ -107,8 +105,9 @@ def run_variant(name: str, out: Path, *, code_only: bool, smoke: int) -> None:
                  vlm_lm={k: v.detach().clone() for k, v in zoo.lm_state_of_vlm(vlm.state_dict()).items()})
     result["ratio_vlm"] = zoo.delta_norms(fam.vlm_lm, base_state)["all"]["ratio"]
     result["vision_pass_at_scale"] = {}
+    tau_vlm = TaskVector.between(fam.vlm_lm, base_state)
     for s in (0.0, 1.0, 0.7, 0.5, 0.3):
-        model = probes.vlm_with_language_model(vlm, scaled(base_state, fam.vlm_lm, s))
+        model = probes.vlm_with_language_model(vlm, tau_vlm.apply_to(base_state, s))
         result["vision_pass_at_scale"][s] = probes.vision_skill(model, processor, scenes)["pass"]
         save()
     result["sweep"] = {}
